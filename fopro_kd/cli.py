@@ -1,0 +1,147 @@
+"""``fopro-kd`` command line: train, evaluate, teacher pretrain, simulate, report.
+
+Thin by design: parse arguments, load and validate the config, call the library.
+Configuration errors exit with status 2 and one clear line, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fopro_kd.checkpoint import CheckpointError  # noqa: E402
+from fopro_kd.config import Config, ConfigError, load_config  # noqa: E402
+
+logger = logging.getLogger("fopro_kd")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config's device")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if getattr(args, "device", None):
+        overrides.append(f"device={args.device}")
+    return load_config(args.config, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fopro_kd.run_dir import default_run_dir
+    from fopro_kd.training.single_site import train_single_site
+
+    cfg = _load(args)
+    out = Path(args.out) if args.out else default_run_dir(cfg)
+    metrics = train_single_site(cfg, out, progress=not args.no_progress)
+    print(f"run directory: {out}")
+    print(f"test balanced accuracy: {metrics['balanced_accuracy']:.4f}")
+    few = metrics["few_shot"]
+    print(f"test few-shot accuracy: {'n/a' if few is None else f'{few:.4f}'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fopro_kd.metrics import format_summary
+    from fopro_kd.training.single_site import evaluate_checkpoint
+
+    cfg = _load(args)
+    metrics = evaluate_checkpoint(cfg, args.checkpoint, split=args.split)
+    print(format_summary(metrics))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_teacher_pretrain(args: argparse.Namespace) -> int:
+    from fopro_kd.models.demo_teacher import DemoTeacherSettings, demo_teacher_file, pretrain_demo_teacher
+
+    settings = DemoTeacherSettings(arch=args.arch, image_size=args.image_size, epochs=args.epochs, seed=args.seed)
+    out = Path(args.out) if args.out else demo_teacher_file(settings)
+    if out.is_file() and not args.force:
+        print(f"demo teacher already cached: {out} (use --force to retrain)")
+        return 0
+    stats = pretrain_demo_teacher(settings, out, progress=True)
+    print(f"demo teacher written to {out} (train accuracy {stats['train_accuracy']:.3f})")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.simulate import run_simulation_from_config
+
+    cfg = _load(args)
+    resume = Path(args.resume) if args.resume else None
+    if resume is not None and args.out and Path(args.out).resolve() != resume.resolve():
+        raise ConfigError("--resume RUN_DIR continues that run directory; do not also pass a different --out")
+    return int(run_simulation_from_config(cfg, out_dir=args.out, resume_dir=resume) or 0)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from simulations.report import print_report
+
+    print_report([Path(p) for p in args.run_dirs])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fopro-kd", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="single-site training (EKD with one client)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (default: runs/<time>-<name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="re-score a saved student checkpoint")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("teacher", help="demo teacher utilities")
+    tsub = p.add_subparsers(dest="teacher_command", required=True)
+    t = tsub.add_parser("pretrain", help="pretrain the offline demo teacher on the synthetic public domain")
+    t.add_argument("--arch", default="resnet18")
+    t.add_argument("--image-size", type=int, default=64)
+    t.add_argument("--epochs", type=int, default=4)
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--out", help="output file (default: the cache the demo uses)")
+    t.add_argument("--force", action="store_true")
+    t.set_defaults(func=_cmd_teacher_pretrain)
+
+    p = sub.add_parser("simulate", help="cross-site federated simulation (Flower simulation engine)")
+    _add_config_args(p, required=False)
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--resume", help="continue the run in this run directory from its last complete round")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("report", help="side-by-side table of runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, CheckpointError, ValueError) as exc:
+        print(f"fopro-kd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m fopro_kd.cli`
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""Typed run configuration: YAML -> validated dataclasses, with ``--set`` overrides.
+
+A hospital's config may only *name* registered things (datasets, losses, strategies);
+nothing in a YAML file is executed. Every field is validated once, at load time, so a
+typo or an out-of-range value fails before any data is read or any model is built, with
+an error that names the file and the field (and the nearest valid key for typos).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are decoded (once) and cached."""
+
+    kind: Literal["synthetic", "ham10000", "isic2019_lt", "imagefolder", "medmnist"] = "synthetic"
+    root: str | None = None
+    """Image folder (ham10000, isic2019_lt, imagefolder) or directory holding ``npz_file``."""
+    metadata_csv: str | None = None
+    """HAM10000 metadata CSV; defaults to ``<root>/../HAM10000_metadata.csv`` or ``<root>/HAM10000_metadata.csv``."""
+    train_csv: str | None = None
+    val_csv: str | None = None
+    test_csv: str | None = None
+    npz_file: str | None = None
+    split_file: str | None = None
+    """Optional CSV (columns ``image_id,split``) that fixes train/val/test exactly."""
+    image_size: int = 64
+    """Decoded images are resized once to this square size and cached as uint8."""
+    cache_dir: str | None = None
+    """Where decoded uint8 arrays are cached (keyed by file list and size); ``None`` = ``~/.cache/fopro-kd``."""
+    max_unreadable_fraction: float = 0.0
+    """Fail when more than this fraction of images cannot be decoded (their names are reported)."""
+    # synthetic generator
+    num_classes: int = 8
+    imbalance_factor: float = 100.0
+    max_per_class: int = 500
+    synthetic_seed: int = 0
+    site_style: str | None = None
+    """Synthetic "scanner" style name (see ``fopro_kd.data.synthetic.SCANNER_STYLES``)."""
+
+
+@dataclass
+class SplitConfig:
+    """Train/val/test protocol: group-aware and balanced held-out sets, as in the FoPro-KD paper."""
+
+    mode: Literal["balanced", "stratified", "predefined"] = "balanced"
+    """``balanced``: fixed count per class in val/test; ``stratified``: fractions; ``predefined``: from CSVs / split file."""
+    val_per_class: int = 20
+    test_per_class: int = 50
+    max_holdout_fraction: float = 0.5
+    """Never hold out more than this fraction of a class's groups (protects rare classes' training data)."""
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    train_imbalance_factor: float | None = None
+    """Long-tail subsampling of the training split (n_i = n_max * IF^(-i/(C-1))); ``None`` keeps it as is."""
+    seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    """The paper's skin augmentation set, applied on uint8->float tensors in batches."""
+
+    enabled: bool = True
+    affine_scale: tuple[float, float] = (0.95, 1.2)
+    affine_translate: float = 0.05
+    rotation_degrees: float = 45.0
+    color_jitter: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.01)
+    hflip: bool = True
+    vflip: bool = True
+    teacher_sees_augmented: bool = True
+    """The teacher sees the student's augmented view (EKD); ``False`` gives it the clean image."""
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "resnet18"
+    init: Literal["random", "imagenet"] = "random"
+    weights_file: str | None = None
+    """Local ImageNet checkpoint for ``init: imagenet`` (timm layout)."""
+    input_size: int | None = None
+    """Student input size; ``None`` uses ``data.image_size``."""
+    projector_hidden: int | None = None
+    """Hidden width of the projector MLP; ``None`` = the backbone feature size (as in EKD)."""
+    drop_rate: float = 0.0
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "mobilenetv2_100"
+    source: Literal["hub", "file", "none", "demo"] = "hub"
+    """``hub``: timm pretrained weights; ``file``: local checkpoint; ``demo``: the built-in synthetic teacher; ``none``: random (tests only)."""
+    file: str | None = None
+    input_size: int | None = None
+    """Teacher input size; ``None`` uses the size from the teacher's pretrained config."""
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    """Override of the teacher's own normalisation (e.g. (0.5,0.5,0.5) for Keras-origin weights)."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra ``timm.create_model`` keyword arguments (e.g. ``pad_type: same``); plain values only."""
+    hub_timeout_s: float = 10.0
+
+
+@dataclass
+class PromptConfig:
+    """Fourier Prompt Generator (method.md §2.2)."""
+
+    param: Literal["free", "generator"] = "free"
+    eps: float = 0.5
+    band: float = 1.0
+    fft: Literal["rfft2", "fft2"] = "rfft2"
+    domain: Literal["raw", "normalised"] = "raw"
+    gamma: float = 1e-3
+    scope: Literal["local", "federated"] = "local"
+    generator_hidden: int = 16
+    lr: float = 1e-3
+
+
+@dataclass
+class AKDConfig:
+    """How the prompt is trained (method.md §4). ``off`` keeps the prompt fixed."""
+
+    mode: Literal["off", "minmax", "discriminative"] = "discriminative"
+    k_g: int = 1
+    k_s: int = 1
+    warmup_epochs: int = 0
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["ce", "bsm", "ekd", "fopro-kd"] = "fopro-kd"
+    loss: Literal["ce", "bsm", "logit_adjust", "ldam", "focal"] = "bsm"
+    """Classification loss on both heads (``ce`` method forces ``ce``)."""
+    epochs: int = 8
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    lambda_rep: float = 3.0
+    grad_clip: float = 5.0
+    focal_gamma: float = 2.0
+    logit_adjust_tau: float = 1.0
+    ldam_max_margin: float = 0.5
+    ldam_scale: float = 30.0
+    drw_start_fraction: float = 0.8
+    cache_teacher_features: bool = False
+    num_threads: int | None = None
+    """torch intra-op threads on CPU; ``None`` leaves torch's default."""
+
+
+@dataclass
+class MetricsConfig:
+    many_shot_threshold: int = 100
+    few_shot_threshold: int = 20
+
+
+@dataclass
+class PartitionConfig:
+    """How one dataset is split into virtual hospitals (simulation only)."""
+
+    kind: Literal["dirichlet", "quantity", "imbalance", "site_column", "iid"] = "dirichlet"
+    alpha: float = 0.5
+    quantity_sigma: float = 1.0
+    site_imbalance_factors: list[float] = field(default_factory=list)
+    site_styles: list[str] = field(default_factory=list)
+    min_per_site: int = 10
+    local_test_fraction: float = 0.2
+
+
+@dataclass
+class FederationConfig:
+    num_rounds: int = 5
+    num_clients: int = 4
+    strategy: Literal["fedavg", "fedprox", "fedmas", "class_balanced"] = "fedavg"
+    fedmas_rule: Literal["mas", "mas_inv", "mas_DRW"] = "mas"
+    drw_fraction: float = 0.8
+    drw_beta: float = 0.9999
+    cb_beta: float = 0.999
+    fedprox_mu: float = 0.45
+    local_epochs: int = 1
+    local_steps: int | None = None
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_available_clients: int = 2
+    round_timeout_s: float = 3600.0
+    share_class_counts: bool | None = None
+    """Send per-class counts to the server; ``None`` = only when the strategy needs them."""
+    client_num_cpus: float = 1.0
+    client_num_threads: int = 1
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    run_name: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    akd: AKDConfig = field(default_factory=AKDConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+# --------------------------------------------------------------------------- range checks
+
+_POSITIVE = {
+    "data.image_size", "data.num_classes", "data.max_per_class", "train.epochs", "train.batch_size",
+    "train.eval_batch_size", "train.lr", "prompt.eps", "prompt.band", "prompt.lr", "prompt.generator_hidden",
+    "federation.num_rounds", "federation.num_clients", "federation.local_epochs", "federation.round_timeout_s",
+    "akd.k_g", "akd.k_s", "teacher.hub_timeout_s", "federation.client_num_cpus", "federation.client_num_threads",
+    "federation.min_available_clients",
+}
+_NON_NEGATIVE = {
+    "split.val_per_class", "split.test_per_class", "train.weight_decay", "train.lambda_rep", "train.grad_clip",
+    "prompt.gamma", "akd.warmup_epochs", "federation.fedprox_mu", "data.max_unreadable_fraction",
+    "metrics.many_shot_threshold", "metrics.few_shot_threshold", "train.focal_gamma", "seed",
+}
+_UNIT_INTERVAL = {  # (0, 1]
+    "prompt.eps", "prompt.band", "federation.fraction_train", "split.max_holdout_fraction", "federation.drw_fraction",
+}
+_FRACTION = {  # [0, 1)
+    "split.val_fraction", "split.test_fraction", "federation.partition.local_test_fraction", "federation.drw_beta",
+    "federation.cb_beta", "data.max_unreadable_fraction",
+}
+
+
+def _check_ranges(cfg: Config, source: str) -> None:
+    def get(path: str) -> Any:
+        obj: Any = cfg
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    for path in _POSITIVE:
+        if get(path) is not None and get(path) <= 0:
+            raise ConfigError(f"{source}: '{path}' must be > 0, got {get(path)!r}")
+    for path in _NON_NEGATIVE:
+        if get(path) is not None and get(path) < 0:
+            raise ConfigError(f"{source}: '{path}' must be >= 0, got {get(path)!r}")
+    for path in _UNIT_INTERVAL:
+        if not 0 < get(path) <= 1:
+            raise ConfigError(f"{source}: '{path}' must be in (0, 1], got {get(path)!r}")
+    for path in _FRACTION:
+        if not 0 <= get(path) < 1:
+            raise ConfigError(f"{source}: '{path}' must be in [0, 1), got {get(path)!r}")
+    for path in ("data.imbalance_factor", "split.train_imbalance_factor"):
+        value = get(path)
+        if value is not None and value < 1:
+            raise ConfigError(f"{source}: '{path}' is an imbalance factor (n_max / n_min) and must be >= 1, got {value!r}")
+    if cfg.data.num_classes < 2:
+        raise ConfigError(f"{source}: 'data.num_classes' must be >= 2, got {cfg.data.num_classes}")
+    if not 16 <= cfg.data.image_size <= 1024:
+        raise ConfigError(f"{source}: 'data.image_size' must be in [16, 1024], got {cfg.data.image_size}")
+    if cfg.split.val_fraction + cfg.split.test_fraction >= 1:
+        raise ConfigError(f"{source}: 'split.val_fraction' + 'split.test_fraction' must be < 1")
+    if cfg.teacher.source == "file" and not cfg.teacher.file and cfg.train.method in ("ekd", "fopro-kd"):
+        raise ConfigError(f"{source}: 'teacher.source' is 'file' but 'teacher.file' is not set")
+    if cfg.federation.min_available_clients > cfg.federation.num_clients:
+        raise ConfigError(
+            f"{source}: 'federation.min_available_clients' ({cfg.federation.min_available_clients}) exceeds "
+            f"'federation.num_clients' ({cfg.federation.num_clients})"
+        )
+    for value in cfg.teacher.model_kwargs.values():
+        if not isinstance(value, (str, int, float, bool, type(None))):
+            raise ConfigError(f"{source}: 'teacher.model_kwargs' values must be plain scalars, got {value!r}")
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow int->float and list->tuple only."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: '{path}' has wrong type: got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{source}: '{path}' must be one of {list(allowed)}, got {value!r}{extra}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{path}' must be a mapping (section), got {type(value).__name__}")
+        return _build(tp, value, path, source)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{path}' must be a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{source}: '{path}' must have {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{path}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{path}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{path}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{path}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{path}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{path}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{path}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: '{path}' has unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            extra = f"; did you mean '{(prefix + '.' if prefix else '') + hint[0]}'?" if hint else ""
+            raise ConfigError(f"{source}: unknown config key '{path}'{extra}")
+        kwargs[key] = _coerce(value, hints[key], path, source)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a nested mapping into a :class:`Config` (unknown keys and wrong types raise)."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(values).__name__}")
+    cfg = _build(Config, values, "", source)
+    _check_ranges(cfg, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (numbers, booleans, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like 'section.key=value'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    values = copy.deepcopy(values) if values else {}
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    values: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    values = apply_overrides(values, overrides)
+    cfg = config_from_dict(values, source)
+    if path is not None:
+        _resolve_relative_paths(cfg, Path(path).resolve().parent)
+    return cfg
+
+
+_PATH_FIELDS = (
+    ("data", "root"), ("data", "metadata_csv"), ("data", "train_csv"), ("data", "val_csv"), ("data", "test_csv"),
+    ("data", "npz_file"), ("data", "split_file"), ("data", "cache_dir"), ("student", "weights_file"), ("teacher", "file"),
+)
+
+
+def _resolve_relative_paths(cfg: Config, base: Path) -> None:
+    """Paths in a config file are relative to the repository root when they exist there, else to the file.
+
+    Shipped configs name ``../shared/...`` relative to the project root (the working directory
+    of every documented command); a hospital's own config usually sits next to its data.
+    """
+    for section, name in _PATH_FIELDS:
+        value = getattr(getattr(cfg, section), name)
+        if not value or Path(value).is_absolute() or value.startswith("~"):
+            continue
+        if not Path(value).exists() and (base / value).exists():
+            setattr(getattr(cfg, section), name, str((base / value).resolve()))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,180 @@
+"""The EKD student: a timm backbone with a main head, a projector and an auxiliary head (method.md §3.1).
+
+Only the main head is used at test time (``forward``). During training (``forward_train``)
+the projector maps the backbone feature *h* into the teacher's feature space (*u = P(h)*,
+matched to the teacher feature *t* by ℓ_rep) and the auxiliary head classifies *u*, which keeps
+the projector's training balanced across classes. Plain ``ce``/``bsm`` baselines have no
+teacher, hence no projector and no auxiliary head (``teacher_dim=None``).
+
+The student takes [0, 1] pixels and normalises them itself. Its mean/std are *non-persistent*
+buffers, so the state dict that travels between clients and server holds only learnable
+weights and BatchNorm statistics (nothing a federated average should touch by accident).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from fopro_kd.config import StudentConfig
+from fopro_kd.models.teacher import WeightsLoadError, create_timm_model, feature_dim_of
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EKDStudent", "StudentLoadError", "StudentOutput", "build_student"]
+
+
+class StudentLoadError(WeightsLoadError):
+    """The student's ImageNet weights could not be loaded; the message names the ``student.*`` field to fix."""
+
+
+class StudentOutput(NamedTuple):
+    """Everything ``EKDStudent.forward_train`` computes.
+
+    Attributes
+    ----------
+    logits
+        Main-head logits *z* (B, C).
+    aux_logits
+        Auxiliary-head logits *a = V u* (B, C), or ``None`` without a teacher.
+    projection
+        Projector output *u = P(h)* (B, D_T), or ``None`` without a teacher.
+    features
+        Backbone feature *h* (B, d).
+    """
+
+    logits: Tensor
+    aux_logits: Tensor | None
+    projection: Tensor | None
+    features: Tensor
+
+
+class EKDStudent(nn.Module):
+    """Student network of EKD: backbone φ, main head W, projector P and auxiliary head V.
+
+    Parameters
+    ----------
+    backbone
+        timm model created with ``num_classes=0`` so that ``backbone(x)`` is the pooled feature *h*.
+    num_classes
+        Number of classes C.
+    teacher_dim
+        Teacher feature size D_T; ``None`` builds no projector/auxiliary head (methods ``ce``/``bsm``).
+    projector_hidden
+        Hidden width of the projector; ``None`` = the backbone feature size d, as in EKD.
+    drop_rate
+        Dropout before the *main* head only (EKD's EfficientNet-B0 student uses 0.2); the projector
+        sees the clean feature so that distillation is not perturbed.
+    mean, std
+        Input normalisation applied to [0, 1] pixels; ImageNet statistics by default.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        teacher_dim: int | None,
+        projector_hidden: int | None,
+        drop_rate: float = 0.0,
+        mean: Sequence[float] = timm.data.IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = timm.data.IMAGENET_DEFAULT_STD,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (data.num_classes), got {num_classes}")
+        if teacher_dim is not None and teacher_dim <= 0:
+            raise ValueError(f"teacher_dim must be a positive feature size or None, got {teacher_dim}")
+        if projector_hidden is not None and projector_hidden <= 0:
+            raise ValueError(f"student.projector_hidden must be > 0 or null, got {projector_hidden}")
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"student.drop_rate must be in [0, 1), got {drop_rate}")
+        self.backbone = backbone
+        self.feature_dim = feature_dim_of(backbone)
+        self.num_classes = num_classes
+        self.teacher_dim = teacher_dim
+        self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+        self.projector: nn.Sequential | None = None
+        self.aux_classifier: nn.Linear | None = None
+        if teacher_dim is not None:
+            hidden = projector_hidden or self.feature_dim
+            self.projector = nn.Sequential(
+                nn.Linear(self.feature_dim, hidden),
+                nn.BatchNorm1d(hidden),
+                nn.ReLU(),  # not in-place: Opacus hooks reject in-place ops on views
+                nn.Linear(hidden, teacher_dim),
+            )
+            self.aux_classifier = nn.Linear(teacher_dim, num_classes)
+        self.register_buffer("mean", torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([float(v) for v in std]).view(1, -1, 1, 1), persistent=False)
+
+    def features(self, x01: Tensor) -> Tensor:
+        """Backbone feature *h* (B, d) of a [0, 1] batch."""
+        if x01.ndim != 4 or x01.shape[1] != self.mean.shape[1]:
+            channels = self.mean.shape[1]
+            raise ValueError(
+                f"student input must be a (B, {channels}, H, W) batch of [0, 1] pixels, got {tuple(x01.shape)}"
+            )
+        return self.backbone((x01 - self.mean.to(x01.dtype)) / self.std.to(x01.dtype))
+
+    def forward(self, x01: Tensor) -> Tensor:
+        """Main-head logits (B, C): the only output used at inference."""
+        return self.classifier(self.dropout(self.features(x01)))
+
+    def forward_train(self, x01: Tensor) -> StudentOutput:
+        """All heads at once: main logits, auxiliary logits, projection and backbone feature."""
+        h = self.features(x01)
+        logits = self.classifier(self.dropout(h))
+        if self.projector is None or self.aux_classifier is None:
+            return StudentOutput(logits, None, None, h)
+        u = self.projector(h)
+        return StudentOutput(logits, self.aux_classifier(u), u, h)
+
+
+def build_student(cfg: StudentConfig, num_classes: int, teacher_dim: int | None) -> EKDStudent:
+    """Build the student described by ``cfg`` (see :class:`~fopro_kd.config.StudentConfig`).
+
+    ``init: imagenet`` loads ``cfg.weights_file`` when set (checked against the architecture),
+    otherwise timm's default Hub weights with a bounded timeout and an error that says how to
+    use a local file. ``init: random`` never touches the network. With ImageNet weights the
+    input is normalised with the statistics of the weights' own pretrained config; a random
+    student uses ImageNet statistics.
+
+    Raises
+    ------
+    StudentLoadError
+        Unknown architecture, missing/incompatible weights file, or Hub unavailable.
+    """
+    if cfg.init == "imagenet":
+        source = "file" if cfg.weights_file else "hub"
+    elif cfg.init == "random":
+        if cfg.weights_file:
+            logger.warning("student.weights_file is ignored because student.init is 'random'")
+        source = "none"
+    else:
+        raise StudentLoadError(f"'student.init' must be 'random' or 'imagenet', got {cfg.init!r}")
+    backbone, desc = create_timm_model(
+        cfg.arch, source=source, file=cfg.weights_file, model_kwargs={}, prefix="student",
+        file_field="weights_file", error_cls=StudentLoadError,
+    )
+    pretrained = dict(getattr(backbone, "pretrained_cfg", None) or {})
+    mean = pretrained.get("mean") if source != "none" else None
+    std = pretrained.get("std") if source != "none" else None
+    logger.info("student %s (%s): weights %s", cfg.arch, cfg.init, desc)
+    return EKDStudent(
+        backbone,
+        num_classes=num_classes,
+        teacher_dim=teacher_dim,
+        projector_hidden=cfg.projector_hidden,
+        drop_rate=cfg.drop_rate,
+        mean=mean or timm.data.IMAGENET_DEFAULT_MEAN,
+        std=std or timm.data.IMAGENET_DEFAULT_STD,
+    )

@@ -1,0 +1,255 @@
+"""Figures written to the run directory (PNG, headless).
+
+Every function draws on its own :class:`matplotlib.figure.Figure` attached to the
+non-interactive **Agg** canvas (no ``pyplot``, no display, no global figure state), writes a
+PNG to ``path`` (creating parent directories) and returns the path. Missing or non-finite
+values are skipped rather than drawn as zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+
+__all__ = [
+    "plot_per_class_recall",
+    "plot_prompt_mask",
+    "plot_history",
+    "plot_lines_by_group",
+    "plot_class_histograms",
+    "plot_weights_per_round",
+]
+
+DPI: int = 100
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)  # Agg backend: renders without a display
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight")
+    finally:
+        fig.clear()  # release artists; the figure is not registered with pyplot
+    return path
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, None, NaN, non-numeric)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    if hasattr(array, "detach"):  # torch tensor
+        array = array.detach().cpu().numpy()
+    return np.asarray(array, dtype=np.float64)
+
+
+def _no_data(ax: Any, message: str = "no data") -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def plot_per_class_recall(
+    per_class_recall: dict[str, float | None], train_counts: dict[str, int], path: str | Path
+) -> Path:
+    """Bar chart of recall per class, classes ordered by training count (descending).
+
+    The training count is drawn as a line on a secondary (log) axis and written under each
+    class name; classes without test samples (recall None) are marked "n/a".
+
+    Parameters
+    ----------
+    per_class_recall : dict[str, float | None]
+        ``metrics["per_class_recall"]``.
+    train_counts : dict[str, int]
+        ``metrics["train_counts"]``.
+    path : str or Path
+        PNG file to write.
+    """
+    names = sorted(per_class_recall, key=lambda n: (-(train_counts.get(n) or 0), n))
+    recalls = [_number(per_class_recall[n]) for n in names]
+    counts = [int(train_counts.get(n) or 0) for n in names]
+    fig = _new_figure(max(5.0, 0.6 * len(names) + 2.0), 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(names))
+    if names:
+        ax.bar(x, [r if r is not None else 0.0 for r in recalls], color="tab:blue", label="recall")
+        for xi, r in zip(x, recalls):
+            ax.text(xi, (r or 0.0) + 0.01, "n/a" if r is None else f"{r:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{n}\n(n={c})" for n, c in zip(names, counts)], rotation=45, ha="right", fontsize=8)
+        ax2 = ax.twinx()
+        ax2.plot(x, [max(c, 1) for c in counts], color="tab:orange", marker="o", label="train count")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("training samples (log)", color="tab:orange")
+    else:
+        _no_data(ax)
+    ax.set_ylim(0.0, 1.1)
+    ax.set_ylabel("recall")
+    ax.set_title("Per-class recall (classes by training count)")
+    return _save(fig, path)
+
+
+def plot_prompt_mask(mask: Any, path: str | Path, title: str = "FPG amplitude multiplier") -> Path:
+    """Show the learned Fourier-prompt amplitude multiplier ``M`` as an image.
+
+    One subplot per channel, diverging colormap centred at 1 (no change), symmetric limits
+    ``1 ± max|M − 1|`` and a shared colour bar.
+
+    Parameters
+    ----------
+    mask : array-like (C, H, W) or (H, W)
+        Multiplier in the (shifted) frequency domain; torch tensors are accepted.
+    path : str or Path
+        PNG file to write.
+    title : str
+        Figure title.
+    """
+    values = _to_numpy(mask)
+    if values.ndim == 2:
+        values = values[None]
+    if values.ndim != 3 or values.shape[1] == 0 or values.shape[2] == 0:
+        raise ValueError(f"mask must have shape (C, H, W) or (H, W), got {np.shape(mask)}")
+    finite = values[np.isfinite(values)]
+    spread = float(np.max(np.abs(finite - 1.0))) if finite.size else 0.0
+    spread = max(spread, 1e-6)
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=1.0 - spread, vmax=1.0 + spread)
+    channels = values.shape[0]
+    fig = _new_figure(3.0 * channels + 1.0, 3.2)
+    axes = [fig.add_subplot(1, channels, i + 1) for i in range(channels)]
+    image = None
+    for i, ax in enumerate(axes):
+        image = ax.imshow(values[i], cmap="RdBu_r", norm=norm, interpolation="nearest")
+        ax.set_title(f"channel {i}" if channels > 1 else "mask", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(image, ax=axes, shrink=0.85, label="amplitude multiplier (1 = unchanged)")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _lines(ax: Any, rows: Sequence[dict[str, Any]], keys: Sequence[str], x_key: str, label_of: Any = None) -> int:
+    """Draw one line per key (skipping missing values); return the number of lines drawn."""
+    drawn = 0
+    for key in keys:
+        xs, ys = [], []
+        for index, row in enumerate(rows):
+            y = _number(row.get(key))
+            if y is None:
+                continue
+            x = _number(row.get(x_key))
+            xs.append(index if x is None else x)
+            ys.append(y)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=label_of(key) if label_of else key)
+            drawn += 1
+    return drawn
+
+
+def _finish_lines(ax: Any, drawn: int, x_key: str, ylabel: str, title: str) -> None:
+    if drawn:
+        ax.legend(fontsize=7, loc="best", ncol=1 if drawn <= 10 else 2)
+    else:
+        _no_data(ax)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
+def plot_history(history: list[dict[str, Any]], keys: list[str], path: str | Path, x_key: str = "epoch") -> Path:
+    """Lines of ``keys`` against ``x_key`` (epoch or round) from a list of log rows.
+
+    Rows missing a key (or holding None / NaN) are skipped for that line; a row without
+    ``x_key`` uses its index.
+    """
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = _lines(ax, history, keys, x_key)
+    _finish_lines(ax, drawn, x_key, "value", ", ".join(keys))
+    return _save(fig, path)
+
+
+def _prefixed_keys(rows: Sequence[dict[str, Any]], prefix: str) -> list[str]:
+    keys: list[str] = []
+    for row in rows:
+        for key in row:
+            if key.startswith(prefix) and key not in keys:
+                keys.append(key)
+    return keys
+
+
+def plot_lines_by_group(rows: list[dict[str, Any]], x_key: str, y_prefix: str, path: str | Path, title: str) -> Path:
+    """One line per key starting with ``y_prefix`` (e.g. ``"recall/"``) against ``x_key``.
+
+    The legend shows the key without the prefix (e.g. the class name).
+    """
+    keys = _prefixed_keys(rows, y_prefix)
+    fig = _new_figure(6.5, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = _lines(ax, rows, keys, x_key, label_of=lambda k: k[len(y_prefix):])
+    _finish_lines(ax, drawn, x_key, y_prefix.rstrip("/") or "value", title)
+    return _save(fig, path)
+
+
+def plot_class_histograms(histograms: dict[str, dict[str, int]], path: str | Path) -> Path:
+    """Grouped bar chart of training-class counts per site (client / hospital).
+
+    Parameters
+    ----------
+    histograms : dict[str, dict[str, int]]
+        ``{site: {class name: count}}``; classes missing at a site count as 0.
+    path : str or Path
+        PNG file to write.
+    """
+    sites = list(histograms)
+    classes: list[str] = []
+    for counts in histograms.values():
+        classes.extend(c for c in counts if c not in classes)
+    fig = _new_figure(max(6.0, 0.5 * len(classes) * max(1, len(sites)) ** 0.5 + 2.0), 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    if sites and classes:
+        x = np.arange(len(classes))
+        width = 0.8 / len(sites)
+        for i, site in enumerate(sites):
+            heights = [int(histograms[site].get(c) or 0) for c in classes]
+            ax.bar(x - 0.4 + (i + 0.5) * width, heights, width=width, label=str(site))
+        ax.set_xticks(x)
+        ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=8)
+        ax.legend(fontsize=7, title="site")
+    else:
+        _no_data(ax)
+    ax.set_ylabel("training samples")
+    ax.set_title("Class counts per site")
+    return _save(fig, path)
+
+
+def plot_weights_per_round(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Aggregation weight of each client per round, from keys ``"weight/<client>"``.
+
+    The x axis is ``row["round"]`` (the row index when absent).
+    """
+    keys = _prefixed_keys(rows, "weight/")
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = _lines(ax, rows, keys, "round", label_of=lambda k: k[len("weight/"):])
+    _finish_lines(ax, drawn, "round", "aggregation weight α_k", "Aggregation weight per client")
+    return _save(fig, path)

@@ -1,0 +1,64 @@
+"""Builds the method's models from a config: shared teacher, student, prompt.
+
+The teacher is loaded once per process and shared (a simulation process serves many
+virtual hospitals; a teacher copy per hospital would multiply memory for nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from fopro_kd.config import Config
+from fopro_kd.models.demo_teacher import demo_teacher_path
+from fopro_kd.models.student import EKDStudent, build_student
+from fopro_kd.models.teacher import FrozenTeacher, build_teacher
+from fopro_kd.prompt import FourierPrompt, build_prompt
+
+logger = logging.getLogger("fopro_kd.training")
+
+_TEACHERS: dict[tuple, FrozenTeacher] = {}
+_LOCK = threading.Lock()
+
+
+def uses_teacher(cfg: Config) -> bool:
+    return cfg.train.method in ("ekd", "fopro-kd")
+
+
+def _teacher_key(cfg: Config) -> tuple:
+    t = cfg.teacher
+    return (t.arch, t.source, t.file, t.input_size, t.mean, t.std, tuple(sorted(t.model_kwargs.items())))
+
+
+def shared_teacher(cfg: Config) -> FrozenTeacher | None:
+    """The process-wide frozen teacher for ``cfg`` (None for methods without a teacher)."""
+    if not uses_teacher(cfg):
+        return None
+    key = _teacher_key(cfg)
+    with _LOCK:
+        teacher = _TEACHERS.get(key)
+        if teacher is None:
+            demo_file = str(demo_teacher_path(cfg)) if cfg.teacher.source == "demo" else None
+            teacher = build_teacher(cfg.teacher, demo_file=demo_file)
+            logger.info("teacher %s loaded: %s (feature dim %d)", teacher.arch, teacher.weights_desc, teacher.feature_dim)
+            _TEACHERS[key] = teacher
+        return teacher
+
+
+def clear_teacher_cache() -> None:
+    with _LOCK:
+        _TEACHERS.clear()
+
+
+def build_models(
+    cfg: Config, num_classes: int, teacher: FrozenTeacher | None
+) -> tuple[EKDStudent, FourierPrompt | None]:
+    """A fresh student (with EKD heads when a teacher is used) and, for fopro-kd, a prompt."""
+    teacher_dim = teacher.feature_dim if teacher is not None else None
+    student = build_student(cfg.student, num_classes, teacher_dim)
+    prompt = None
+    if cfg.train.method == "fopro-kd":
+        if teacher is None:
+            raise ValueError("train.method 'fopro-kd' needs a teacher")
+        prompt = build_prompt(cfg.prompt, teacher.input_size)
+    return student, prompt

@@ -1,0 +1,165 @@
+"""Single-site training ("EKD with one client"): epochs, model selection on val, report on test.
+
+Orchestration only; the loop itself is :class:`~fopro_kd.training.trainer.LocalTrainer`.
+The best epoch is chosen on the balanced *validation* split and reported once on the
+*test* split (the original code swapped them, method.md §9.2).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fopro_kd.checkpoint import load_checkpoint, save_checkpoint
+from fopro_kd.config import Config
+from fopro_kd.data import build_splits
+from fopro_kd.data.dataset import DatasetSplits, ImageSet
+from fopro_kd.metrics import compute_metrics, format_summary
+from fopro_kd.models.student import EKDStudent, build_student
+from fopro_kd.plots import plot_history, plot_per_class_recall, plot_prompt_mask
+from fopro_kd.run_dir import RunDir
+from fopro_kd.seeding import configure_threads, seed_everything, select_device
+from fopro_kd.training.components import build_models, shared_teacher
+from fopro_kd.training.trainer import LocalTrainer, predict
+
+logger = logging.getLogger("fopro_kd.training")
+
+STUDENT_FORMAT = "fopro-kd-student/1"
+
+
+def evaluate_student(
+    student: EKDStudent, data: ImageSet, train_counts: np.ndarray, cfg: Config, device: torch.device
+) -> dict[str, Any]:
+    probs = predict(student, data, cfg.train.eval_batch_size, device, cfg.student.input_size or cfg.data.image_size)
+    return compute_metrics(data.labels.numpy(), probs, data.class_names, train_counts, cfg.metrics)
+
+
+def student_checkpoint(
+    student: EKDStudent, cfg: Config, class_names: list[str], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "format": STUDENT_FORMAT,
+        "arch": cfg.student.arch,
+        "num_classes": student.num_classes,
+        "teacher_dim": student.teacher_dim,
+        "class_names": list(class_names),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
+        "config": cfg.to_dict(),
+        **(extra or {}),
+    }
+
+
+def load_student(path: str | Path, cfg: Config) -> tuple[EKDStudent, dict[str, Any]]:
+    """Rebuild a student from a checkpoint; the architecture must match ``cfg.student``."""
+    payload = load_checkpoint(path, expected_format=STUDENT_FORMAT)
+    if payload["arch"] != cfg.student.arch:
+        raise ValueError(
+            f"checkpoint {path} holds a {payload['arch']!r} student but the config says student.arch "
+            f"{cfg.student.arch!r}"
+        )
+    student = build_student(cfg.student, int(payload["num_classes"]), payload.get("teacher_dim"))
+    student.load_state_dict(payload["state_dict"])
+    return student, payload
+
+
+def _write_outputs(
+    run: RunDir, metrics: dict[str, Any], prompt_mask: np.ndarray | None, splits: DatasetSplits
+) -> None:
+    run.write_json("metrics.json", metrics)
+    plot_per_class_recall(
+        metrics["per_class_recall"], dict(zip(splits.class_names, map(int, splits.train.class_counts()))),
+        run.plot_path("per_class_recall.png"),
+    )
+    plot_history(run.history, ["val_balanced_accuracy", "loss"], run.plot_path("history.png"))
+    if prompt_mask is not None:
+        plot_prompt_mask(prompt_mask, run.plot_path("prompt_mask.png"), title="learned FPG amplitude multiplier")
+
+
+def train_single_site(
+    cfg: Config,
+    out_dir: str | Path,
+    progress: bool = True,
+    splits: DatasetSplits | None = None,
+) -> dict[str, Any]:
+    """Train, select on val, report on test; write everything under ``out_dir``."""
+    seed_everything(cfg.seed)
+    configure_threads(cfg.train.num_threads)
+    device = select_device(cfg.device)
+    run = RunDir(out_dir)
+    run.save_config(cfg)
+    splits = splits or build_splits(cfg)
+    run.write_json("data_summary.json", {"name": splits.name, "counts": splits.summary(), "info": splits.info})
+    train_counts = splits.train.class_counts()
+    teacher = shared_teacher(cfg)
+    student, prompt = build_models(cfg, splits.train.num_classes, teacher)
+    trainer = LocalTrainer(cfg, student, teacher, prompt, train_counts, device)
+    best: dict[str, Any] = {"score": -1.0, "epoch": -1, "state": None, "prompt": None}
+    for epoch in range(cfg.train.epochs):
+        start = time.perf_counter()
+        result = trainer.train(splits.train, epochs=1, total_epochs=cfg.train.epochs, progress=progress)
+        train_seconds = time.perf_counter() - start
+        val = evaluate_student(student, splits.val, train_counts, cfg, device)
+        row = {
+            "epoch": epoch + 1,
+            **result.losses,
+            "val_balanced_accuracy": val["balanced_accuracy"],
+            "val_few_shot": val["few_shot"],
+            "epoch_seconds": train_seconds,
+            "images_per_second": result.num_examples / max(train_seconds, 1e-9),
+        }
+        run.append_history(row)
+        logger.info("epoch %d/%d  loss %.4f  val bACC %.4f  (%.1f s)", epoch + 1, cfg.train.epochs,
+                    result.losses.get("loss", float("nan")), val["balanced_accuracy"], train_seconds)
+        if val["balanced_accuracy"] > best["score"]:
+            best = {
+                "score": val["balanced_accuracy"], "epoch": epoch + 1,
+                "state": copy.deepcopy(student.state_dict()),
+                "prompt": None if prompt is None else copy.deepcopy(prompt.state_dict()),
+            }
+            save_checkpoint(
+                run.resolve("best.pt"),
+                student_checkpoint(student, cfg, splits.class_names,
+                                   {"epoch": epoch + 1, "val_balanced_accuracy": float(val["balanced_accuracy"]),
+                                    "prompt_state": best["prompt"]}),
+            )
+    student.load_state_dict(best["state"])
+    if prompt is not None and best["prompt"] is not None:
+        prompt.load_state_dict(best["prompt"])
+    metrics = evaluate_student(student, splits.test, train_counts, cfg, device)
+    metrics.update({
+        "method": cfg.train.method,
+        "best_epoch": best["epoch"],
+        "val_balanced_accuracy": best["score"],
+        "teacher": None if teacher is None else teacher.weights_desc,
+        "mean_epoch_seconds": float(np.mean([r["epoch_seconds"] for r in run.history])),
+    })
+    prompt_mask = None
+    if prompt is not None:
+        sample = None if cfg.prompt.param == "free" else teacher.resize(
+            splits.train.images[: cfg.train.batch_size].float().div(255).to(device))
+        with torch.no_grad():
+            prompt_mask = prompt.multiplier(sample).detach().float().cpu().numpy()
+    _write_outputs(run, metrics, prompt_mask, splits)
+    logger.info("test results (best val epoch %d):\n%s", best["epoch"], format_summary(metrics))
+    return metrics
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, split: str = "test") -> dict[str, Any]:
+    """Re-score a saved student on the config's ``split`` (data rebuilt from the config)."""
+    device = select_device(cfg.device)
+    student, payload = load_student(checkpoint, cfg)
+    student.to(device)
+    splits = build_splits(cfg)
+    if list(payload["class_names"]) != list(splits.class_names):
+        raise ValueError(
+            f"checkpoint {checkpoint} was trained on classes {payload['class_names']}, "
+            f"but the config's data has {splits.class_names}"
+        )
+    data = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
+    return evaluate_student(student, data, splits.train.class_counts(), cfg, device)

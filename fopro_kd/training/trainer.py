@@ -1,0 +1,351 @@
+"""The one local training loop: CE / BSM / EKD / FoPro-KD (with prompt training), per site.
+
+Used unchanged by the single-site run (``fopro-kd train``) and by every federated
+client, so a federation trains exactly what a centralised run trains. State that must
+survive between federated rounds (optimizers, the prompt and its probe, the RNG) is
+exposed through :meth:`LocalTrainer.state_dict` and never contains the student weights,
+which travel separately.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fopro_kd.config import Config
+from fopro_kd.data.batches import BatchLoader
+from fopro_kd.data.dataset import ImageSet
+from fopro_kd.data.transforms import BatchAugment, resize_batch, to_float
+from fopro_kd.losses import EKDLoss, build_classification_loss, representation_loss
+from fopro_kd.models.student import EKDStudent
+from fopro_kd.models.teacher import FrozenTeacher
+from fopro_kd.prompt import FourierPrompt
+from fopro_kd.training.feature_cache import TeacherFeatureCache, feature_cache_problem
+from fopro_kd.training.teacher_view import teacher_features, teacher_targets
+
+
+@dataclass
+class EpochResult:
+    """Mean loss terms over the examples seen, plus the per-class statistics FedMAS needs."""
+
+    num_examples: int = 0
+    num_steps: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+    class_rep_sum: np.ndarray | None = None
+    class_seen: np.ndarray | None = None
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"num_examples": float(self.num_examples), **self.losses}
+
+
+def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float, momentum: float):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+    raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {name!r}")
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA (the step is matmul/conv bound there); plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class LocalTrainer:
+    """Trains one student on one site's data with the configured method.
+
+    Parameters
+    ----------
+    cfg : the run configuration (``train``, ``augment``, ``prompt``, ``akd`` sections).
+    student : the model being trained (its weights are the only thing a federation shares).
+    teacher : the frozen public teacher, or None for ``ce`` / ``bsm``.
+    prompt : the Fourier prompt for ``fopro-kd``, else None.
+    class_counts : training images per class *at this site*; sets the balanced-softmax prior.
+    device : where to train.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        student: EKDStudent,
+        teacher: FrozenTeacher | None,
+        prompt: FourierPrompt | None,
+        class_counts: np.ndarray,
+        device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.method = cfg.train.method
+        if self.method in ("ekd", "fopro-kd") and teacher is None:
+            raise ValueError(f"train.method {self.method!r} needs a teacher")
+        if self.method == "fopro-kd" and prompt is None:
+            raise ValueError("train.method 'fopro-kd' needs a prompt (FourierPrompt)")
+        self.device = device
+        self.student = student.to(device)
+        self.teacher = teacher.to(device) if teacher is not None and self.method in ("ekd", "fopro-kd") else None
+        self.prompt = prompt.to(device) if prompt is not None and self.method == "fopro-kd" else None
+        self.class_counts = np.asarray(class_counts, dtype=np.int64)
+        self.num_classes = len(self.class_counts)
+        self.student_size = cfg.student.input_size or cfg.data.image_size
+        loss_name = "ce" if self.method == "ce" else cfg.train.loss
+        self.classification = build_classification_loss(loss_name, self.class_counts, cfg.train)
+        self.ekd = EKDLoss(self.classification, cfg.train.lambda_rep) if self.teacher is not None else None
+        self.augment = BatchAugment(cfg.augment)
+        self.generator = torch.Generator().manual_seed(int(cfg.seed))
+        self.optimizer = make_optimizer(
+            [p for p in self.student.parameters() if p.requires_grad],
+            cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, cfg.train.momentum,
+        )
+        self.akd_mode = cfg.akd.mode if self.prompt is not None else "off"
+        self.probe: nn.Linear | None = None
+        self.prompt_optimizer: torch.optim.Optimizer | None = None
+        if self.akd_mode != "off":
+            params = list(self.prompt.parameters())
+            if self.akd_mode == "discriminative":
+                self.probe = nn.Linear(self.teacher.feature_dim, self.num_classes).to(device)
+                params += list(self.probe.parameters())
+            self.prompt_optimizer = torch.optim.Adam(params, lr=cfg.prompt.lr)
+            prior = self.class_counts / max(1, self.class_counts.sum())
+            self._log_prior = torch.log(torch.as_tensor(prior, dtype=torch.float32) + 1e-12).to(device)
+        self.feature_cache: TeacherFeatureCache | None = None
+        self.epochs_done = 0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Client-side state that persists between rounds (never the student weights)."""
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epochs_done": self.epochs_done,
+        }
+        if self.prompt is not None:
+            state["prompt"] = self.prompt.state_dict()
+        if self.prompt_optimizer is not None:
+            state["prompt_optimizer"] = self.prompt_optimizer.state_dict()
+        if self.probe is not None:
+            state["probe"] = self.probe.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epochs_done = int(state["epochs_done"])
+        if self.prompt is not None and "prompt" in state:
+            self.prompt.load_state_dict(state["prompt"])
+        if self.prompt_optimizer is not None and "prompt_optimizer" in state:
+            self.prompt_optimizer.load_state_dict(state["prompt_optimizer"])
+        if self.probe is not None and "probe" in state:
+            self.probe.load_state_dict(state["probe"])
+
+    # ------------------------------------------------------------------ training
+    def enable_feature_cache(self, data: ImageSet) -> None:
+        problem = feature_cache_problem(self.method, self.cfg.augment.teacher_sees_augmented, self.cfg.augment.enabled)
+        if problem is not None:
+            raise ValueError(f"train.cache_teacher_features cannot be used: {problem}")
+        self.feature_cache = TeacherFeatureCache(self.teacher, data, self.cfg.train.eval_batch_size, self.device)
+
+    def train(
+        self,
+        data: ImageSet,
+        epochs: int = 1,
+        max_steps: int | None = None,
+        total_epochs: int | None = None,
+        proximal_mu: float = 0.0,
+        global_params: dict[str, Tensor] | None = None,
+        track_class_rep: bool = False,
+        progress: bool = False,
+    ) -> EpochResult:
+        """Train for ``epochs`` passes (or ``max_steps`` batches) over ``data``.
+
+        ``total_epochs`` is the run's planned length, for schedules (LDAM-DRW, AKD warm-up);
+        ``proximal_mu`` > 0 adds FedProx's μ/2‖w − w_global‖² with ``global_params``.
+        """
+        if len(data) == 0:
+            raise ValueError("cannot train on an empty dataset")
+        if self.cfg.train.cache_teacher_features and self.teacher is not None and self.feature_cache is None:
+            self.enable_feature_cache(data)
+        if self.feature_cache is not None and self.feature_cache.num_images != len(data):
+            raise ValueError("the teacher feature cache was built for another dataset")
+        total_epochs = total_epochs or (self.epochs_done + epochs)
+        sums: dict[str, float] = {}
+        result = EpochResult()
+        if track_class_rep:
+            result.class_rep_sum = np.zeros(self.num_classes, dtype=np.float64)
+            result.class_seen = np.zeros(self.num_classes, dtype=np.int64)
+        anchor = None
+        if proximal_mu > 0:
+            if global_params is None:
+                raise ValueError("proximal_mu > 0 needs global_params")
+            anchor = {k: v.detach().to(self.device) for k, v in global_params.items()}
+        loader = BatchLoader(data, self.cfg.train.batch_size, shuffle=True, seed=int(self.cfg.seed), drop_last=False)
+        bar = _progress(epochs * len(loader), progress, "train")
+        for _ in range(epochs):
+            loader.set_epoch(self.epochs_done)
+            self.classification.set_epoch(self.epochs_done, total_epochs)
+            prompt_active = self.akd_mode != "off" and self.epochs_done >= self.cfg.akd.warmup_epochs
+            for images, labels, indices in loader:
+                if labels.shape[0] < 2:
+                    continue  # BatchNorm cannot train on one image; a lone remainder image waits for the next epoch
+                terms = self._step(images, labels, indices, prompt_active, anchor, proximal_mu, result)
+                n = int(labels.shape[0])
+                result.num_examples += n
+                result.num_steps += 1
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + value * n
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{terms['loss']:.3f}")
+                if max_steps is not None and result.num_steps >= max_steps:
+                    break
+            self.epochs_done += 1
+            if max_steps is not None and result.num_steps >= max_steps:
+                break
+        if bar is not None:
+            bar.close()
+        result.losses = {k: v / max(1, result.num_examples) for k, v in sums.items()}
+        return result
+
+    def _views(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        x = to_float(images).to(self.device, non_blocking=True)
+        x_aug = self.augment(x, self.generator) if self.cfg.augment.enabled else x
+        teacher_in = x_aug if self.cfg.augment.teacher_sees_augmented else x
+        student_in = resize_batch(x_aug, self.student_size)
+        if self.device.type == "cuda":
+            student_in = student_in.contiguous(memory_format=torch.channels_last)
+        return student_in, teacher_in
+
+    def _step(self, images, labels, indices, prompt_active, anchor, proximal_mu, result) -> dict[str, float]:
+        self.student.train()
+        y = labels.to(self.device)
+        student_in, teacher_in = self._views(images)
+        terms: dict[str, float] = {}
+        targets = None
+        if self.teacher is not None:
+            if prompt_active:
+                targets, prompt_terms = self._prompt_steps(student_in, teacher_in, y)
+                terms.update(prompt_terms)
+            elif self.feature_cache is not None:
+                targets = self.feature_cache.lookup(indices).to(self.device)
+            else:
+                with autocast_context(self.device):
+                    targets = teacher_targets(self.teacher, teacher_in, self.prompt, self.cfg.prompt.domain)
+            targets = targets.float()
+        for _ in range(self.cfg.akd.k_s if prompt_active else 1):
+            with autocast_context(self.device):
+                if self.ekd is not None:
+                    out = self.student.forward_train(student_in)
+                    loss, ekd_terms = self.ekd(out.logits, out.aux_logits, out.projection, targets, y)
+                    terms.update(ekd_terms)
+                    if result.class_rep_sum is not None:
+                        rep = representation_loss(out.projection.detach().float(), targets).double().cpu().numpy()
+                        np.add.at(result.class_rep_sum, y.cpu().numpy(), rep)
+                        np.add.at(result.class_seen, y.cpu().numpy(), 1)
+                else:
+                    logits = self.student(student_in)
+                    loss = self.classification(logits, y)
+                    terms["loss"] = float(loss.detach())
+                if anchor is not None:
+                    prox = sum(((p - anchor[name]) ** 2).sum() for name, p in self.student.named_parameters() if name in anchor)
+                    loss = loss + 0.5 * proximal_mu * prox
+                    terms["loss_prox"] = float(prox.detach())
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"non-finite training loss {float(loss)} (terms {terms})")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.train.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip)
+            self.optimizer.step()
+        return terms
+
+    def _prompt_steps(self, student_in: Tensor, teacher_in: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Update the prompt (k_g steps) and return the teacher targets it produced.
+
+        The features of the last prompt step are reused (detached) as the student's
+        targets, which saves one teacher forward per step; they come from the prompt
+        just before its last update.
+        """
+        assert self.prompt is not None and self.prompt_optimizer is not None and self.teacher is not None
+        domain = self.cfg.prompt.domain
+        terms: dict[str, float] = {}
+        projection = None
+        if self.akd_mode == "minmax":
+            with torch.no_grad():
+                projection = self.student.forward_train(student_in).projection.float()
+        feats = None
+        for _ in range(self.cfg.akd.k_g):
+            with autocast_context(self.device):
+                feats = teacher_features(self.teacher, teacher_in, self.prompt, domain).float()
+                reg = self.prompt.regularizer(self.teacher.resize(teacher_in))
+                if self.akd_mode == "minmax":
+                    discrepancy = representation_loss(projection, feats).mean()
+                    objective = -(discrepancy) + reg
+                    terms["prompt_discrepancy"] = float(discrepancy.detach())
+                else:
+                    logits = self.probe(feats) + self._log_prior
+                    probe_loss = nn.functional.cross_entropy(logits, y)
+                    objective = probe_loss + reg
+                    terms["prompt_probe_loss"] = float(probe_loss.detach())
+            self.prompt_optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            self.prompt_optimizer.step()
+        terms["prompt_reg"] = float(reg.detach())
+        return feats.detach(), terms
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def predict(student: EKDStudent, data: ImageSet, batch_size: int, device: torch.device, input_size: int) -> np.ndarray:
+    """Class probabilities of the main head on un-augmented images, shape (N, C)."""
+    student.eval()
+    probs = []
+    for start in range(0, len(data), batch_size):
+        x = resize_batch(to_float(data.images[start : start + batch_size]).to(device), input_size)
+        with autocast_context(device):
+            logits = student(x)
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+    if not probs:
+        return np.zeros((0, student.num_classes), dtype=np.float64)
+    return torch.cat(probs).double().numpy()
+
+
+@torch.no_grad()
+def class_rep_prior(
+    student: EKDStudent,
+    teacher: FrozenTeacher,
+    prompt: FourierPrompt | None,
+    data: ImageSet,
+    cfg: Config,
+    device: torch.device,
+) -> np.ndarray:
+    """FedMAS step 1: per-class mean representation distance of ``student`` to the teacher.
+
+    One non-dropping, un-augmented pass (method.md §5 notes: the original under-counted
+    classes with a drop-last augmented loader). Classes absent from ``data`` get 0.
+    """
+    student.eval()
+    sums = np.zeros(student.num_classes, dtype=np.float64)
+    counts = np.zeros(student.num_classes, dtype=np.int64)
+    size = cfg.student.input_size or cfg.data.image_size
+    for start in range(0, len(data), cfg.train.eval_batch_size):
+        x = to_float(data.images[start : start + cfg.train.eval_batch_size]).to(device)
+        y = data.labels[start : start + cfg.train.eval_batch_size].numpy()
+        with autocast_context(device):
+            u = student.forward_train(resize_batch(x, size)).projection.float()
+            t = teacher_targets(teacher, x, prompt, cfg.prompt.domain).float()
+        rep = representation_loss(u, t).double().cpu().numpy()
+        np.add.at(sums, y, rep)
+        np.add.at(counts, y, 1)
+    return np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)

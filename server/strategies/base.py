@@ -1,0 +1,360 @@
+"""Common base of every fopro-kd strategy: validate replies, then take a weighted average.
+
+A strategy variant overrides one hook, :meth:`ValidatedWeightedAvg.client_weights`, and
+(when it sends knobs to the clients) :meth:`configure_train`. Everything else is shared:
+
+1. error replies are dropped and logged with their node id;
+2. every reply is checked against the global arrays sent this round
+   (:func:`server.validation.validate_reply`); invalid ones are dropped with a logged
+   reason naming the node and the failed check;
+3. with fewer than ``min_valid_replies`` valid replies the round is skipped:
+   ``aggregate_train`` returns ``(None, None)`` and Flower keeps the previous global model;
+4. the hook's weights are guarded (non-finite or negative weights drop that reply, all-zero
+   weights fall back to uniform) and normalised to sum to one;
+5. the weighted average is taken in float64 per array and cast back to that array's dtype.
+
+Aggregation rules for the model state (method.md §5 averages "parameters and
+normalisation buffers"; §9 item 8 forbids averaging integer buffers):
+
+* floating arrays, BatchNorm ``running_mean`` / ``running_var`` included, are averaged with
+  the same weights as the parameters: θ = Σ_k α_k θ_k;
+* integer (and boolean) arrays, e.g. BatchNorm ``num_batches_tracked``, are **not**
+  averaged: the element-wise maximum over the valid clients is kept, in the original dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from logging import INFO, WARNING
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from server.validation import NUM_EXAMPLES_KEY, reason_check, to_numpy_dict, validate_arrays, validate_metrics
+
+__all__ = ["ValidatedWeightedAvg", "weighted_mean_metrics"]
+
+
+def _node_id(msg: Message) -> int:
+    return int(msg.metadata.src_node_id)
+
+
+def _is_plain_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def weighted_mean_metrics(
+    metrics: Sequence[MetricRecord],
+    weights: np.ndarray,
+    *,
+    skip: Iterable[str] = (NUM_EXAMPLES_KEY,),
+) -> MetricRecord:
+    """Weighted mean of the scalar metrics common to all records (as plain floats).
+
+    Keys missing from any record, list-valued metrics and non-finite values are skipped;
+    ``weights`` need not be normalised (all-zero weights give the plain mean).
+    """
+    if not metrics:
+        return MetricRecord()
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(metrics), 1.0 / len(metrics))
+    skipped = set(skip)
+    common = [k for k in metrics[0].keys() if k not in skipped and all(k in m for m in metrics)]
+    out: dict[str, float] = {}
+    for key in common:
+        values = [m[key] for m in metrics]
+        if not all(_is_plain_number(v) for v in values):
+            continue
+        arr = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            continue
+        out[key] = float(np.dot(w, arr))
+    return MetricRecord(out)
+
+
+class ValidatedWeightedAvg(FedAvg):
+    """FedAvg with reply validation, guarded weights and dtype-preserving averaging.
+
+    θ^{r+1} = Σ_k α_k θ_k^r with α_k = w_k / Σ_j w_j, where ``w_k`` comes from
+    :meth:`client_weights` (default: ``num-examples``, i.e. FedAvg, McMahan et al. 2017).
+    See the module docstring for the guards and for the integer-buffer rule.
+
+    Parameters
+    ----------
+    min_valid_replies : int (default: 1)
+        Fewest valid replies needed to aggregate; below it the previous model is kept.
+    max_update_norm : float, optional
+        Reject replies whose update ‖θ_k − θ^r‖₂ (floating arrays) exceeds this bound.
+    **fedavg_kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
+        ``min_train_nodes``, ``train_metrics_aggr_fn``, ...).
+
+    Attributes
+    ----------
+    last_weights : dict[int, float]
+        Normalised weight α_k of each aggregated node in the last ``aggregate_train`` call.
+    last_rejections : list[dict]
+        Replies dropped in the last call: ``{"round", "node_id", "check", "reason"}`` with
+        check ``error``, ``names``, ``shape``, ``dtype``, ``finite``, ``update-norm``,
+        ``metrics``, ``records`` or ``weight``.
+    """
+
+    name: ClassVar[str] = "validated_weighted_avg"
+    required_metrics: ClassVar[tuple[str, ...]] = (NUM_EXAMPLES_KEY,)
+    """Metric keys each client must send for this strategy's weights."""
+    needs_class_counts: ClassVar[bool] = False
+    """Whether clients must report ``"class-counts"`` (per-class training sample counts)."""
+
+    def __init__(
+        self,
+        *,
+        min_valid_replies: int = 1,
+        max_update_norm: float | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        if isinstance(min_valid_replies, bool) or not isinstance(min_valid_replies, int) or min_valid_replies < 1:
+            raise ValueError(f"min_valid_replies must be an int >= 1, got {min_valid_replies!r}")
+        if max_update_norm is not None and not (max_update_norm > 0 and math.isfinite(max_update_norm)):
+            raise ValueError(f"max_update_norm must be a finite number > 0 or None, got {max_update_norm!r}")
+        self._user_train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = fedavg_kwargs.get(
+            "train_metrics_aggr_fn"
+        )
+        self._user_evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = (
+            fedavg_kwargs.get("evaluate_metrics_aggr_fn")
+        )
+        super().__init__(**fedavg_kwargs)
+        self.min_valid_replies = min_valid_replies
+        self.max_update_norm = max_update_norm
+        self.last_weights: dict[int, float] = {}
+        self.last_rejections: list[dict[str, Any]] = []
+        self._reference: ArrayRecord | None = None
+
+    # ------------------------------------------------------------------ config glue
+
+    @classmethod
+    def config_kwargs(cls, cfg: Any) -> dict[str, Any]:
+        """Constructor arguments taken from a ``FederationConfig`` (none for the base)."""
+        return {}
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log(INFO, "\t├──> %s (validated weighted average):", type(self).__name__)
+        log(INFO, "\t│\t├── min valid replies: %d", self.min_valid_replies)
+        log(INFO, "\t│\t└── max update norm: %s", self.max_update_norm)
+        super().summary()
+
+    # ------------------------------------------------------------------ round setup
+
+    def set_reference(self, arrays: ArrayRecord) -> None:
+        """Set the global arrays that replies are validated against (done by ``configure_train``)."""
+        self._reference = arrays
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global arrays sent this round, then configure as FedAvg."""
+        self.set_reference(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    # ------------------------------------------------------------------ weights hook
+
+    def client_weights(self, server_round: int, metrics: list[MetricRecord]) -> np.ndarray:
+        """Un-normalised aggregation weight of each valid reply (default: ``num-examples``).
+
+        Subclasses override this one hook. The base class drops replies whose weight is
+        non-finite or negative, falls back to uniform weights when all are zero, and
+        normalises.
+        """
+        return np.asarray([float(m[NUM_EXAMPLES_KEY]) for m in metrics], dtype=np.float64)
+
+    # ------------------------------------------------------------------ aggregation
+
+    def _reject(self, server_round: int, node_id: int, reason: str, check: str | None = None) -> None:
+        check = check or reason_check(reason)
+        self.last_rejections.append({"round": int(server_round), "node_id": node_id, "check": check, "reason": reason})
+        log(WARNING, "Round %s: rejected reply from node %s (%s): %s", server_round, node_id, check, reason)
+
+    def _records(self, content: RecordDict) -> tuple[ArrayRecord | None, MetricRecord | None, str | None]:
+        arrays = content.array_records.get(self.arrayrecord_key)
+        if arrays is None and len(content.array_records) == 1:
+            arrays = next(iter(content.array_records.values()))
+        metrics = content.metric_records.get("metrics")
+        if metrics is None and len(content.metric_records) == 1:
+            metrics = next(iter(content.metric_records.values()))
+        if arrays is None:
+            return None, None, (
+                f"records: expected one ArrayRecord (key {self.arrayrecord_key!r}), "
+                f"got {sorted(content.array_records.keys())}"
+            )
+        if metrics is None:
+            return None, None, (
+                f"records: expected one MetricRecord (key 'metrics'), got {sorted(content.metric_records.keys())}"
+            )
+        return arrays, metrics, None
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate the replies and average the valid ones with :meth:`client_weights`."""
+        self.last_weights = {}
+        self.last_rejections = []
+        replies = list(replies)
+
+        # 1. error replies
+        ok: list[Message] = []
+        for msg in replies:
+            if msg.has_error():
+                self._reject(server_round, _node_id(msg), f"error: {msg.error.reason} (code {msg.error.code})")
+            else:
+                ok.append(msg)
+
+        # 2. validation against the global arrays sent this round
+        reference_np = to_numpy_dict(self._reference) if self._reference is not None else None
+        norm_bound = self.max_update_norm
+        valid: list[tuple[Message, dict[str, np.ndarray], MetricRecord]] = []
+        for msg in ok:
+            node = _node_id(msg)
+            arrays, metric_record, reason = self._records(msg.content)
+            if arrays is None or metric_record is None:
+                self._reject(server_round, node, reason or "records: missing")
+                continue
+            values = to_numpy_dict(arrays)
+            if reference_np is None:
+                log(
+                    WARNING,
+                    "Round %s: no global arrays recorded (configure_train was not called); validating "
+                    "against the first reply (node %s), without the update-norm check",
+                    server_round,
+                    node,
+                )
+                reference_np, norm_bound = {k: v.copy() for k, v in values.items()}, None
+            reason = validate_arrays(values, reference_np, max_update_norm=norm_bound) or validate_metrics(
+                metric_record
+            )
+            if reason is not None:
+                self._reject(server_round, node, reason)
+                continue
+            valid.append((msg, values, metric_record))
+
+        # 3./4. guarded weights
+        weights = self._guarded_weights(server_round, valid)
+        valid = [item for item, w in zip(valid, weights) if not np.isnan(w)]
+        if len(valid) < self.min_valid_replies:
+            log(
+                WARNING,
+                "Round %s: %d valid replies (< min_valid_replies=%d; %d received, %d rejected); "
+                "keeping the previous global model",
+                server_round,
+                len(valid),
+                self.min_valid_replies,
+                len(replies),
+                len(self.last_rejections),
+            )
+            return None, None
+        alpha = weights[~np.isnan(weights)]
+        alpha = alpha / alpha.sum()
+        self.last_weights = {_node_id(msg): float(a) for (msg, _, _), a in zip(valid, alpha)}
+
+        # 5. dtype-preserving average
+        aggregated = self._average([values for _, values, _ in valid], alpha)
+        log(
+            INFO,
+            "Round %s: aggregated %d replies (%d rejected); weights %s",
+            server_round,
+            len(valid),
+            len(self.last_rejections),
+            {n: round(a, 4) for n, a in self.last_weights.items()},
+        )
+        return aggregated, self._train_metrics([msg for msg, _, _ in valid], [m for _, _, m in valid])
+
+    def _guarded_weights(
+        self, server_round: int, valid: list[tuple[Message, dict[str, np.ndarray], MetricRecord]]
+    ) -> np.ndarray:
+        """Hook weights with bad entries replaced by NaN (= dropped) and all-zero -> uniform."""
+        if not valid:
+            return np.zeros(0)
+        metrics = [m for _, _, m in valid]
+        node_ids = [_node_id(msg) for msg, _, _ in valid]
+        raw = np.asarray(self.client_weights(server_round, metrics), dtype=np.float64).reshape(-1)
+        if raw.shape != (len(metrics),):
+            raise ValueError(
+                f"{type(self).__name__}.client_weights returned {raw.shape[0]} weights for {len(metrics)} replies"
+            )
+        weights = raw.copy()
+        for i, (node, w) in enumerate(zip(node_ids, raw)):
+            if not math.isfinite(w) or w < 0:
+                self._reject(server_round, node, f"weight: aggregation weight {w!r} is not a finite number >= 0")
+                weights[i] = np.nan
+        finite = ~np.isnan(weights)
+        if finite.any() and weights[finite].sum() <= 0:
+            log(WARNING, "Round %s: all aggregation weights are zero; using uniform weights", server_round)
+            weights[finite] = 1.0
+        return weights
+
+    @staticmethod
+    def _average(arrays_np: list[dict[str, np.ndarray]], alpha: np.ndarray) -> ArrayRecord:
+        """Per key: floating -> Σ α_k θ_k in float64, cast back; integer/bool -> element-wise max."""
+        out: dict[str, Array] = {}
+        for key, first in arrays_np[0].items():
+            dtype = first.dtype
+            if np.issubdtype(dtype, np.inexact):
+                acc = np.zeros(first.shape, dtype=np.result_type(dtype, np.float64))
+                for a, values in zip(alpha, arrays_np):
+                    acc += a * values[key]
+                merged = acc.astype(dtype)
+            else:
+                merged = np.maximum.reduce([values[key] for values in arrays_np]).astype(dtype)
+            out[key] = Array(np.array(merged, dtype=dtype, order="C"))  # keeps 0-d shapes
+        return ArrayRecord(out)
+
+    def _train_metrics(self, msgs: list[Message], metrics: list[MetricRecord]) -> MetricRecord:
+        """Sample-weighted mean of the common scalar train metrics, plus the total ``num-examples``.
+
+        Metrics are weighted by ``num-examples`` (a mean over all training samples), not by
+        the aggregation weights. A user ``train_metrics_aggr_fn`` replaces this.
+        """
+        if self._user_train_metrics_aggr_fn is not None:
+            return self._user_train_metrics_aggr_fn([m.content for m in msgs], self.weighted_by_key)
+        counts = np.asarray([float(m[NUM_EXAMPLES_KEY]) for m in metrics], dtype=np.float64)
+        record = weighted_mean_metrics(metrics, counts)
+        record[NUM_EXAMPLES_KEY] = int(counts.sum())
+        return record
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Robust evaluate aggregation: skip error replies and replies with invalid metrics.
+
+        Returns the ``num-examples``-weighted mean of the scalar metrics common to the
+        remaining replies (plus the total ``num-examples``), or ``None`` when none remain.
+        Unlike FedAvg this never raises on replies with different metric keys.
+        """
+        good: list[Message] = []
+        metrics: list[MetricRecord] = []
+        for msg in replies:
+            node = _node_id(msg)
+            if msg.has_error():
+                log(WARNING, "Round %s: evaluate error from node %s: %s", server_round, node, msg.error.reason)
+                continue
+            record = msg.content.metric_records.get("metrics")
+            if record is None and len(msg.content.metric_records) == 1:
+                record = next(iter(msg.content.metric_records.values()))
+            reason = "records: no MetricRecord" if record is None else validate_metrics(record)
+            if reason is not None:
+                log(WARNING, "Round %s: ignored evaluate reply from node %s: %s", server_round, node, reason)
+                continue
+            good.append(msg)
+            metrics.append(record)  # type: ignore[arg-type]
+        if not good:
+            return None
+        if self._user_evaluate_metrics_aggr_fn is not None:
+            return self._user_evaluate_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
+        counts = np.asarray([float(m[NUM_EXAMPLES_KEY]) for m in metrics], dtype=np.float64)
+        record = weighted_mean_metrics(metrics, counts)
+        record[NUM_EXAMPLES_KEY] = int(counts.sum())
+        return record
