@@ -128,7 +128,8 @@ class PromptConfig:
     fft: Literal["rfft2", "fft2"] = "rfft2"
     domain: Literal["raw", "normalised"] = "raw"
     gamma: float = 1e-3
-    scope: Literal["local", "federated"] = "local"
+    scope: Literal["local"] = "local"
+    """The prompt is trained on private data and never leaves the hospital (no ``federated`` scope: see docs/privacy.md)."""
     generator_hidden: int = 16
     lr: float = 1e-3
 
@@ -210,6 +211,38 @@ class FederationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (docs/privacy.md). ``off`` trains exactly as without this section.
+
+    ``local``: sample-level DP-SGD (Opacus) for every hospital's student, with a budget
+    (``target_epsilon``, ``delta``) per hospital for the whole federation. ``central``:
+    user-level DP at the server (clip each client's update, add calibrated Gaussian noise).
+    """
+
+    mode: Literal["off", "local", "central"] = "off"
+    target_epsilon: float | None = None
+    """Budget ε per hospital for the whole federation (not per round); ``None`` = no budget, report ε only."""
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    """Per-sample L2 clipping bound C of DP-SGD (replaces ``train.grad_clip`` in ``local`` mode)."""
+    noise_multiplier: float | None = None
+    """σ of DP-SGD; ``None`` = derived from ``target_epsilon`` over the planned rounds and steps."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    prompt: Literal["frozen", "dp"] = "frozen"
+    """``frozen``: identity Fourier prompt, never updated on private data; ``dp``: prompt (and probe) trained by DP-SGD."""
+    statistics: Literal["noised", "withheld"] = "noised"
+    """Per-class statistics that leave the hospital (class counts, FedMAS priors): Gaussian-noised and accounted, or not sent."""
+    statistics_noise_multiplier: float = 10.0
+    """σ of the Gaussian mechanism on statistics (one release at σ = 1 alone costs ε ≈ 4.7 at δ = 1e-5)."""
+    central_clip_norm: float = 1.0
+    central_noise_multiplier: float = 1.0
+    planned_rounds: int | None = None
+    """Rounds the budget must last; ``None`` = ``federation.num_rounds``."""
+    noise_seed: int | None = None
+    """``None`` (required for a real guarantee): noise and Poisson sampling use a secret OS seed. An integer makes DP runs reproducible for tests only and voids the guarantee."""
+
+
+@dataclass
 class Config:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -224,6 +257,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -288,9 +322,26 @@ def _check_ranges(cfg: Config, source: str) -> None:
             f"{source}: 'federation.min_available_clients' ({cfg.federation.min_available_clients}) exceeds "
             f"'federation.num_clients' ({cfg.federation.num_clients})"
         )
+    _check_privacy(cfg, source)
     for value in cfg.teacher.model_kwargs.values():
         if not isinstance(value, (str, int, float, bool, type(None))):
             raise ConfigError(f"{source}: 'teacher.model_kwargs' values must be plain scalars, got {value!r}")
+
+
+def _check_privacy(cfg: Config, source: str) -> None:
+    p = cfg.privacy
+    for name in ("target_epsilon", "noise_multiplier", "max_grad_norm", "statistics_noise_multiplier",
+                 "central_clip_norm", "central_noise_multiplier", "planned_rounds"):
+        value = getattr(p, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{source}: 'privacy.{name}' must be > 0, got {value!r}")
+    if not 0 < p.delta < 1:
+        raise ConfigError(f"{source}: 'privacy.delta' must be in (0, 1), got {p.delta!r}")
+    if p.mode == "local" and p.target_epsilon is None and p.noise_multiplier is None:
+        raise ConfigError(
+            f"{source}: 'privacy.mode' is 'local': set 'privacy.target_epsilon' (the noise multiplier is then derived "
+            "from the budget) or 'privacy.noise_multiplier'"
+        )
 
 
 # --------------------------------------------------------------------------- conversion

@@ -1,0 +1,311 @@
+"""fopro-kd ClientApp: unpack a Message, call the library's LocalTrainer, pack the reply.
+
+One hospital per node. The node finds its data from its node config (``data-root``,
+``site-id``, or ``partition-id``/``num-partitions`` in simulation; see
+:mod:`client.data`), trains the student it receives with FoPro-KD (FPG + EKD + optional
+AKD) using :class:`~fopro_kd.training.trainer.LocalTrainer`, and replies with
+
+* ``"arrays"``: the student's ``state_dict`` only (the teacher and the prompt stay here);
+* ``"metrics"``: plain ints/floats with the **same keys at every site** (Flower rejects
+  inconsistent replies): ``num-examples`` (local training images, the FedAvg weight),
+  ``examples-seen``, ``num-steps``, ``train-seconds``, ``site-id``, ``train-loss`` and the
+  configured loss terms (``loss-cls``, ``loss-rep``, ...), plus what the strategy needs:
+  ``robust-factor`` (FedMAS) and ``class-counts`` (when class counts are shared).
+
+State that must survive between rounds (optimizer, prompt, probe, RNG, class counts) is
+kept in a private per-site directory (:mod:`client.state`) and never leaves the node.
+
+Two ways to get the configuration:
+
+* :func:`make_client_app` closes over a :class:`~fopro_kd.config.Config` (simulation, tests);
+* the module-level ``app`` (``flwr run`` / deployment) reads ``config-file`` and
+  ``overrides`` from the run config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from client.data import (  # noqa: E402
+    STATE_DIR_KEY,
+    SiteData,
+    SiteDataError,
+    SiteSpec,
+    config_from_run_config,
+    load_site_data,
+    site_name,
+    site_spec_from_node_config,
+)
+from client.state import ClientState, ClientStateStore, default_state_root  # noqa: E402
+from fopro_kd.config import Config  # noqa: E402
+from fopro_kd.seeding import select_device  # noqa: E402
+from fopro_kd.training.components import build_models, shared_teacher, uses_teacher  # noqa: E402
+from fopro_kd.training.trainer import EpochResult, LocalTrainer, class_rep_prior  # noqa: E402
+from server.evaluation import build_global_student, class_correct_counts  # noqa: E402
+from server.strategies import get_strategy_class  # noqa: E402
+from server.strategies.class_balanced import CLASS_COUNTS_KEY  # noqa: E402
+from server.strategies.fedmas import FEDMAS_RULE_KEY, ROBUST_FACTOR_KEY, fedmas_robust_factor  # noqa: E402
+from server.strategies.fedprox import PROXIMAL_MU_KEY  # noqa: E402
+
+logger = logging.getLogger("fopro_kd.federation")
+
+__all__ = ["SiteSkipped", "app", "handle_evaluate", "handle_train", "make_client_app", "shares_class_counts"]
+
+CONTEXT_STATE_KEY = "fopro-kd-client"
+SERVER_ROUND_KEY = "server-round"
+
+
+class SiteSkipped(RuntimeError):
+    """This site cannot take part in the round (e.g. an empty partition); the reason is logged and sent as an error."""
+
+
+# --------------------------------------------------------------------------- config-derived choices
+
+
+def shares_class_counts(cfg: Config) -> bool:
+    """``federation.share_class_counts``, where None means "only if the strategy needs them"."""
+    if cfg.federation.share_class_counts is not None:
+        return bool(cfg.federation.share_class_counts)
+    return bool(get_strategy_class(cfg.federation.strategy).needs_class_counts)
+
+
+def loss_metric_keys(cfg: Config) -> list[str]:
+    """Loss terms every site reports (same list everywhere; absent terms are sent as 0.0)."""
+    keys: list[str] = []  # the total is sent as "train-loss"
+    if uses_teacher(cfg):
+        keys += ["loss_cls", "loss_aux", "loss_rep"]
+    if cfg.federation.strategy == "fedprox":
+        keys.append("loss_prox")
+    if cfg.train.method == "fopro-kd" and cfg.akd.mode != "off":
+        keys += ["prompt_discrepancy" if cfg.akd.mode == "minmax" else "prompt_probe_loss", "prompt_reg"]
+    return keys
+
+
+def local_schedule(cfg: Config, num_train: int) -> tuple[int, int | None]:
+    """(epochs, max_steps) of one round: ``local_epochs``, or enough epochs for ``local_steps`` batches."""
+    steps = cfg.federation.local_steps
+    if steps is None:
+        return cfg.federation.local_epochs, None
+    batches = max(1, math.ceil(num_train / cfg.train.batch_size))
+    return max(1, math.ceil(steps / batches)), int(steps)
+
+
+def _configure_threads(cfg: Config) -> None:
+    threads = cfg.federation.client_num_threads
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(int(threads))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _site(context: Context, cfg: Config) -> tuple[SiteSpec, SiteData]:
+    spec = site_spec_from_node_config(context.node_config, context.node_id)
+    return spec, load_site_data(cfg, spec)
+
+
+def _state_store(context: Context, spec: SiteSpec, state_root: Path | None) -> ClientStateStore:
+    root = state_root or Path(str(context.node_config.get(STATE_DIR_KEY) or default_state_root()))
+    return ClientStateStore(root, f"run-{context.run_id}", spec.site_id)
+
+
+def _global_state(msg: Message, spec: SiteSpec) -> dict[str, torch.Tensor]:
+    arrays = msg.content.array_records.get("arrays")
+    if arrays is None:
+        raise ValueError(f"{spec.node}: the instruction carries no ArrayRecord 'arrays' (the global student)")
+    return arrays.to_torch_state_dict()
+
+
+def _load_student(student: torch.nn.Module, state: dict[str, torch.Tensor], spec: SiteSpec) -> None:
+    try:
+        student.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{spec.node}: the global model does not fit this site's student ({exc}); check that every node "
+            "runs the same config (student.arch, teacher.arch, data.num_classes)"
+        ) from exc
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _robust_factor(prior: np.ndarray, result: EpochResult, rule: str) -> float:
+    """FedMAS step 3 from the prior (step 1) and the per-class state accumulated in training (step 2)."""
+    assert result.class_rep_sum is not None and result.class_seen is not None
+    seen = result.class_seen.astype(np.float64)
+    state = np.divide(result.class_rep_sum, seen, out=np.full_like(result.class_rep_sum, np.nan), where=seen > 0)
+    return float(fedmas_robust_factor(prior, state, rule))
+
+
+def _train_metrics(
+    cfg: Config, spec: SiteSpec, data: SiteData, result: EpochResult, train_seconds: float, rho: float | None
+) -> MetricRecord:
+    metrics: dict[str, Any] = {
+        "num-examples": int(len(data.train)),
+        "examples-seen": int(result.num_examples),
+        "num-steps": int(result.num_steps),
+        "train-seconds": float(train_seconds),
+        "site-id": int(spec.site_id),
+        "train-loss": float(result.losses.get("loss", 0.0)),
+    }
+    for key in loss_metric_keys(cfg):
+        metrics[key.replace("_", "-")] = float(result.losses.get(key, 0.0))
+    if rho is not None:
+        metrics[ROBUST_FACTOR_KEY] = float(rho)
+    if shares_class_counts(cfg):
+        metrics[CLASS_COUNTS_KEY] = [int(c) for c in data.class_counts()]
+    return MetricRecord(metrics)
+
+
+def _remember_in_context(context: Context, state: ClientState, digest: str) -> None:
+    context.state[CONTEXT_STATE_KEY] = ConfigRecord({
+        "site-id": int(state.site_id),
+        "rounds-trained": int(state.rounds_trained),
+        "last-round": int(state.last_round),
+        "state-sha256": digest,
+    })
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path | None = None) -> Message:
+    """Local FoPro-KD training on the received global student; reply with its weights and metrics."""
+    _configure_threads(cfg)
+    spec, data = _site(context, cfg)
+    if len(data.train) == 0:
+        reason = f"{spec.node}: skipped: its partition has no training images"
+        logger.warning(reason)
+        raise SiteSkipped(reason)
+    present = int((data.class_counts() > 0).sum())
+    if present == 1:
+        logger.warning("%s: only one class in its training data (%s); training anyway", spec.node,
+                       data.class_names[int(np.argmax(data.class_counts()))])
+    config = msg.content.config_records.get("config", ConfigRecord())
+    server_round = int(config.get(SERVER_ROUND_KEY, 0))
+    device = select_device(cfg.device)
+    torch.manual_seed(int(cfg.seed))  # a random test teacher ('teacher.source: none') is then the same everywhere
+    teacher = shared_teacher(cfg)
+    torch.manual_seed(int(cfg.seed) * 1000 + spec.site_id)  # the first round's prompt / heads init
+    student, prompt = build_models(cfg, data.train.num_classes, teacher)
+    global_state = _global_state(msg, spec)
+    _load_student(student, global_state, spec)
+
+    store = _state_store(context, spec, state_root)
+    state = store.load()
+    trainer = LocalTrainer(cfg, student, teacher, prompt, data.class_counts(), device)
+    if state.trainer is not None:
+        trainer.load_state_dict(state.trainer)
+
+    fedmas = cfg.federation.strategy == "fedmas"
+    prior = class_rep_prior(student, teacher, prompt, data.train, cfg, device) if fedmas else None
+    mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
+    epochs, max_steps = local_schedule(cfg, len(data.train))
+    start = time.perf_counter()
+    result = trainer.train(
+        data.train, epochs=epochs, max_steps=max_steps, total_epochs=cfg.federation.num_rounds * epochs,
+        proximal_mu=mu, global_params=global_state if mu > 0 else None, track_class_rep=fedmas,
+    )
+    train_seconds = time.perf_counter() - start
+    rho = None
+    if prior is not None:
+        rho = _robust_factor(prior, result, str(config.get(FEDMAS_RULE_KEY, cfg.federation.fedmas_rule)))
+
+    state.trainer = trainer.state_dict()
+    state.class_counts = data.class_counts()
+    state.rounds_trained += 1
+    state.last_round = server_round
+    digest = store.save(state)
+    _remember_in_context(context, state, digest)
+    logger.info("%s round %d: %d images, loss %.4f, %.1f s%s", spec.node, server_round, result.num_examples,
+                result.losses.get("loss", float("nan")), train_seconds,
+                "" if rho is None else f", robust factor {rho:.4f}")
+    content = RecordDict({
+        "arrays": ArrayRecord(_cpu_state(student)),
+        "metrics": _train_metrics(cfg, spec, data, result, train_seconds, rho),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
+    """Score the global student on this site's local test split: per-class correct / total counts."""
+    _configure_threads(cfg)
+    spec, data = _site(context, cfg)
+    device = select_device(cfg.device)
+    student = build_global_student(cfg, data.train.num_classes)
+    _load_student(student, _global_state(msg, spec), spec)
+    correct, total = class_correct_counts(student.to(device), data.local_test, cfg, device)
+    n = int(sum(total))
+    recalls = [c / t for c, t in zip(correct, total) if t > 0]
+    metrics = MetricRecord({
+        "num-examples": n,
+        "site-id": int(spec.site_id),
+        "correct-counts": correct,
+        "total-counts": total,
+        "accuracy": float(sum(correct) / n) if n else 0.0,
+        "balanced-accuracy": float(np.mean(recalls)) if recalls else 0.0,
+    })
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+# --------------------------------------------------------------------------- apps
+
+
+def _with_node_context(fn: Callable[[], Message], context: Context) -> Message:
+    """Run a handler; re-raise failures with the node and site in the message (it becomes the error reply)."""
+    try:
+        return fn()
+    except (SiteSkipped, SiteDataError):
+        raise
+    except Exception as exc:
+        where = f"node {context.node_id}"
+        pid = context.node_config.get("partition-id", context.node_config.get("site-id"))
+        if pid is not None:
+            where += f" ({site_name(int(pid))})"
+        logger.exception("%s: client handler failed", where)
+        raise RuntimeError(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+
+def make_client_app(cfg: Config | None = None, state_root: str | Path | None = None) -> ClientApp:
+    """A ClientApp bound to ``cfg`` (or reading the run config when None).
+
+    Parameters
+    ----------
+    cfg : Config, optional
+        The full run configuration; None reads ``config-file`` / ``overrides`` from the run config.
+    state_root : path, optional
+        Private folder for per-site state; None uses node config ``state-dir`` or the user cache.
+    """
+    app = ClientApp()
+    root = Path(state_root) if state_root is not None else None
+
+    def resolve(context: Context) -> Config:
+        return cfg if cfg is not None else config_from_run_config(context.run_config)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return _with_node_context(lambda: handle_train(msg, context, resolve(context), root), context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return _with_node_context(lambda: handle_evaluate(msg, context, resolve(context)), context)
+
+    return app
+
+
+app = make_client_app()
+"""The ClientApp of ``flwr run`` / deployment (``[tool.flwr.app.components] clientapp``)."""

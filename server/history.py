@@ -1,0 +1,155 @@
+"""Per-round bookkeeping of a federation: who replied, with which weight, bytes and timings.
+
+Flower's ``Strategy.start`` returns only aggregated metrics. The report needs more: the
+aggregation weight α_k of each *site* (not node id), the bytes each site uploaded, each
+site's federated-evaluation counts and the share of a round spent outside client
+training. :class:`RoundRecorder` wraps three hooks of a strategy instance
+(``configure_train``, ``aggregate_train``, ``aggregate_evaluate``) to observe the
+replies, without changing what the strategy computes.
+
+Node ids are mapped to sites through the ``"site-id"`` metric every reply carries; an
+error reply from a node seen before keeps its site name, an unknown one is ``node-<id>``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any
+
+from flwr.app import Message, MetricRecord
+from flwr.common import log
+
+from client.data import site_name
+
+__all__ = ["RoundLog", "RoundRecorder"]
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round (1-based ``server_round``), keyed by node id.
+
+    Use :meth:`RoundRecorder.by_site` to name the nodes: a node that fails before it ever
+    replied successfully is only known by its id until a later reply reveals its site.
+    """
+
+    server_round: int
+    started: float = 0.0
+    weights: dict[int, float] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    train_seconds: dict[int, float] = field(default_factory=dict)
+    class_counts: dict[int, list[int]] = field(default_factory=dict)
+    train_errors: dict[int, str] = field(default_factory=dict)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    site_eval: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    eval_errors: dict[int, str] = field(default_factory=dict)
+
+
+def _metrics(msg: Message) -> MetricRecord | None:
+    records = msg.content.metric_records
+    record = records.get("metrics")
+    if record is None and len(records) == 1:
+        record = next(iter(records.values()))
+    return record
+
+
+class RoundRecorder:
+    """Observe a strategy's replies per round (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, RoundLog] = {}
+        self.node_sites: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ access
+    def get(self, server_round: int) -> RoundLog:
+        if server_round not in self.rounds:
+            self.rounds[server_round] = RoundLog(server_round, started=time.perf_counter())
+        return self.rounds[server_round]
+
+    def site_of(self, node_id: int) -> str:
+        return self.node_sites.get(int(node_id), f"node-{int(node_id)}")
+
+    def by_site(self, values: dict[int, Any]) -> dict[str, Any]:
+        """Re-key a ``{node_id: value}`` mapping by site name, sorted by name."""
+        return dict(sorted((self.site_of(node), value) for node, value in values.items()))
+
+    def _learn_site(self, msg: Message) -> int:
+        node = int(msg.metadata.src_node_id)
+        if not msg.has_error():
+            record = _metrics(msg)
+            value = None if record is None else record.get("site-id")
+            if isinstance(value, int) and not isinstance(value, bool):
+                self.node_sites[node] = site_name(value)
+        return node
+
+    # ------------------------------------------------------------------ hooks
+    def on_configure_train(self, server_round: int) -> None:
+        self.rounds[server_round] = RoundLog(server_round, started=time.perf_counter())
+
+    def on_train_replies(self, server_round: int, replies: list[Message]) -> None:
+        entry = self.get(server_round)
+        for msg in replies:
+            site = self._learn_site(msg)
+            if msg.has_error():
+                entry.train_errors[site] = str(msg.error.reason)
+                log(WARNING, "Round %s: %s failed: %s", server_round, self.site_of(site), msg.error.reason)
+                continue
+            arrays = msg.content.array_records
+            entry.bytes_up[site] = int(sum(rec.count_bytes() for rec in arrays.values()))
+            record = _metrics(msg)
+            if record is not None:
+                seconds = record.get("train-seconds")
+                if isinstance(seconds, (int, float)):
+                    entry.train_seconds[site] = float(seconds)
+                counts = record.get("class-counts")
+                if isinstance(counts, list):
+                    entry.class_counts[site] = [int(c) for c in counts]
+
+    def on_aggregated(self, server_round: int, weights: dict[int, float], rejections: list[dict[str, Any]]) -> None:
+        entry = self.get(server_round)
+        entry.weights = {int(node): float(w) for node, w in weights.items()}
+        entry.rejections = list(rejections)
+
+    def on_evaluate_replies(self, server_round: int, replies: list[Message]) -> None:
+        entry = self.get(server_round)
+        for msg in replies:
+            site = self._learn_site(msg)
+            if msg.has_error():
+                entry.eval_errors[site] = str(msg.error.reason)
+                continue
+            record = _metrics(msg)
+            correct = None if record is None else record.get("correct-counts")
+            total = None if record is None else record.get("total-counts")
+            if isinstance(correct, list) and isinstance(total, list) and len(correct) == len(total):
+                entry.site_eval[site] = ([int(v) for v in correct], [int(v) for v in total])
+
+    # ------------------------------------------------------------------ wiring
+    def instrument(self, strategy: Any) -> Any:
+        """Wrap ``strategy``'s train/evaluate hooks on the instance; return the same strategy."""
+        configure_train = strategy.configure_train
+        aggregate_train = strategy.aggregate_train
+        aggregate_evaluate = strategy.aggregate_evaluate
+
+        def configure_train_hook(server_round: int, *args: Any, **kwargs: Any) -> Iterable[Message]:
+            self.on_configure_train(server_round)
+            return configure_train(server_round, *args, **kwargs)
+
+        def aggregate_train_hook(server_round: int, replies: Iterable[Message]) -> Any:
+            replies = list(replies)
+            self.on_train_replies(server_round, replies)
+            result = aggregate_train(server_round, replies)
+            self.on_aggregated(server_round, dict(getattr(strategy, "last_weights", {}) or {}),
+                               list(getattr(strategy, "last_rejections", []) or []))
+            return result
+
+        def aggregate_evaluate_hook(server_round: int, replies: Iterable[Message]) -> Any:
+            replies = list(replies)
+            self.on_evaluate_replies(server_round, replies)
+            return aggregate_evaluate(server_round, replies)
+
+        strategy.configure_train = configure_train_hook
+        strategy.aggregate_train = aggregate_train_hook
+        strategy.aggregate_evaluate = aggregate_evaluate_hook
+        return strategy

@@ -1,0 +1,102 @@
+"""End to end on Flower's simulation engine (Ray): 3 hospitals, 2 rounds, report files; a crashing client."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fopro_kd.cli import main as cli_main
+from fopro_kd.config import Config, config_from_dict
+from simulations.simulate import ResumeNotSupportedError, run_simulation_from_config, simulate
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+TINY: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "data": {"kind": "synthetic", "image_size": 32, "num_classes": 4, "max_per_class": 40, "imbalance_factor": 4},
+    "split": {"val_per_class": 4, "test_per_class": 4},
+    "student": {"arch": "test_resnet"},
+    "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
+    "train": {"method": "fopro-kd", "batch_size": 8, "eval_batch_size": 64},
+    "federation": {
+        "num_clients": 3, "num_rounds": 2, "local_steps": 2, "min_available_clients": 3,
+        "partition": {"kind": "dirichlet", "alpha": 1.0, "site_styles": ["scanner_a", "scanner_b", "scanner_c"]},
+    },
+}
+
+
+def tiny(**federation: Any) -> Config:
+    values = json.loads(json.dumps(TINY))
+    values["federation"].update(federation)
+    return config_from_dict(values)
+
+
+def crashing_client_app(cfg: Config, state_root: Path, site: int):
+    """The fopro-kd ClientApp, except that ``site`` raises in round 1 (defined here, pickled by value into Ray)."""
+    from flwr.clientapp import ClientApp
+
+    from client.client_app import handle_evaluate, handle_train
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if context.node_config["partition-id"] == site and int(msg.content["config"]["server-round"]) == 1:
+            raise RuntimeError(f"simulated crash at site-{site}")
+        return handle_train(msg, context, cfg, state_root)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return handle_evaluate(msg, context, cfg)
+
+    return app
+
+
+def test_cli_simulate_writes_the_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config_file = tmp_path / "sim.yaml"
+    config_file.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "run"
+    assert cli_main(["simulate", "--config", str(config_file), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "training images per class and site" in printed and "global test balanced accuracy" in printed
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rounds"] == 2 and metrics["best_round"] in (1, 2) and metrics["strategy"] == "fedavg"
+    assert {"balanced_accuracy", "few_shot", "per_class_recall", "confusion_matrix"} <= set(metrics)
+    assert set(metrics["per_site"]) == {"site-0", "site-1", "site-2"}
+    assert len(metrics["round_seconds"]) == 2 and metrics["failed_replies"] == {}
+    with open(out / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["round"] for r in rows] == ["0", "1", "2"]
+    for column in ("recall/class_0", "weight/site-2", "bytes/site-1", "site_bacc/site-0", "round_seconds"):
+        assert rows[2][column] != "", column
+    hist = json.loads((out / "site_histograms.json").read_text())
+    assert hist["styles"] == {"site-0": "scanner_a", "site-1": "scanner_b", "site-2": "scanner_c"}
+    assert (out / "config.yaml").is_file() and (out / "best.pt").is_file()
+    for name in ("class_histograms.png", "per_class_recall_rounds.png", "site_balanced_accuracy.png",
+                 "aggregation_weights.png"):
+        assert (out / "plots" / name).is_file(), name
+
+
+def test_crashing_client_leaves_the_federation_running(tmp_path: Path) -> None:
+    cfg = tiny(strategy="fedmas", min_available_clients=2)
+    out = tmp_path / "run"
+    app = crashing_client_app(cfg, out / "client_state", site=1)
+    metrics = simulate(cfg, out, client_app=app)
+    assert "simulated crash at site-1" in metrics["failed_replies"]["1"]["site-1"]
+    with open(out / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[1]["weight/site-1"] == "" and float(rows[2]["weight/site-1"]) > 0, "site-1 rejoins in round 2"
+    assert metrics["best_round"] in (1, 2)
+
+
+def test_resume_is_refused_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ResumeNotSupportedError, match="resum"):
+        run_simulation_from_config(tiny(), str(tmp_path), resume_dir=tmp_path)
+    assert isinstance(ResumeNotSupportedError("x"), NotImplementedError)
