@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -203,6 +204,13 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     min_available_clients: int = 2
     round_timeout_s: float = 3600.0
+    """Seconds the server waits for the replies of one round; a node that has not replied by then counts as failed."""
+    min_valid_replies: int = 1
+    """Fewest valid train replies needed to aggregate a round; below it the previous global model is kept."""
+    max_failed_rounds: int = 3
+    """Stop (non-zero exit, state saved) after this many consecutive rounds with too few valid replies."""
+    max_update_norm: float | None = None
+    """Reject a reply whose update ||theta_k - theta|| (floating arrays, L2) exceeds this bound; ``None``: no bound."""
     share_class_counts: bool | None = None
     """Send per-class counts to the server; ``None`` = only when the strategy needs them."""
     client_num_cpus: float = 1.0
@@ -317,6 +325,7 @@ def _check_ranges(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: 'split.val_fraction' + 'split.test_fraction' must be < 1")
     if cfg.teacher.source == "file" and not cfg.teacher.file and cfg.train.method in ("ekd", "fopro-kd"):
         raise ConfigError(f"{source}: 'teacher.source' is 'file' but 'teacher.file' is not set")
+    _check_reliability(cfg, source)
     if cfg.federation.min_available_clients > cfg.federation.num_clients:
         raise ConfigError(
             f"{source}: 'federation.min_available_clients' ({cfg.federation.min_available_clients}) exceeds "
@@ -326,6 +335,23 @@ def _check_ranges(cfg: Config, source: str) -> None:
     for value in cfg.teacher.model_kwargs.values():
         if not isinstance(value, (str, int, float, bool, type(None))):
             raise ConfigError(f"{source}: 'teacher.model_kwargs' values must be plain scalars, got {value!r}")
+
+
+def _check_reliability(cfg: Config, source: str) -> None:
+    """Failure-handling fields of ``federation`` (docs/reliability.md)."""
+    fed = cfg.federation
+    for name in ("min_valid_replies", "max_failed_rounds"):
+        value = getattr(fed, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{source}: 'federation.{name}' must be an integer >= 1, got {value!r}")
+    if fed.min_valid_replies > fed.num_clients:
+        raise ConfigError(
+            f"{source}: 'federation.min_valid_replies' ({fed.min_valid_replies}) exceeds 'federation.num_clients' "
+            f"({fed.num_clients}): no round could ever aggregate"
+        )
+    norm = fed.max_update_norm
+    if norm is not None and not (norm > 0 and math.isfinite(norm)):
+        raise ConfigError(f"{source}: 'federation.max_update_norm' must be a finite number > 0 or null, got {norm!r}")
 
 
 def _check_privacy(cfg: Config, source: str) -> None:

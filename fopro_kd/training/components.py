@@ -55,7 +55,12 @@ def build_models(
 ) -> tuple[EKDStudent, FourierPrompt | None]:
     """A fresh student (with EKD heads when a teacher is used) and, for fopro-kd, a prompt."""
     teacher_dim = teacher.feature_dim if teacher is not None else None
-    student = build_student(cfg.student, num_classes, teacher_dim)
+    if cfg.privacy.mode != "off":  # DP: the GroupNorm student every participant aggregates (docs/privacy.md)
+        from fopro_kd.privacy.surgery import build_dp_student
+
+        student = build_dp_student(cfg, num_classes, teacher_dim)
+    else:
+        student = build_student(cfg.student, num_classes, teacher_dim)
     prompt = None
     if cfg.train.method == "fopro-kd":
         if teacher is None:

@@ -115,6 +115,11 @@ class LocalTrainer:
             self._log_prior = torch.log(torch.as_tensor(prior, dtype=torch.float32) + 1e-12).to(device)
         self.feature_cache: TeacherFeatureCache | None = None
         self.epochs_done = 0
+        self.dp = None  # privacy.mode local: DP-SGD state (fopro_kd/privacy/local_dp.py, docs/privacy.md)
+        if cfg.privacy.mode == "local":
+            from fopro_kd.privacy.local_dp import DPContext
+
+            self.dp = DPContext(self)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -130,6 +135,8 @@ class LocalTrainer:
             state["prompt_optimizer"] = self.prompt_optimizer.state_dict()
         if self.probe is not None:
             state["probe"] = self.probe.state_dict()
+        if self.dp is not None:
+            state["privacy"] = self.dp.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -142,6 +149,8 @@ class LocalTrainer:
             self.prompt_optimizer.load_state_dict(state["prompt_optimizer"])
         if self.probe is not None and "probe" in state:
             self.probe.load_state_dict(state["probe"])
+        if self.dp is not None:
+            self.dp.load_state_dict(state.get("privacy"))
 
     # ------------------------------------------------------------------ training
     def enable_feature_cache(self, data: ImageSet) -> None:
@@ -183,16 +192,26 @@ class LocalTrainer:
             if global_params is None:
                 raise ValueError("proximal_mu > 0 needs global_params")
             anchor = {k: v.detach().to(self.device) for k, v in global_params.items()}
-        loader = BatchLoader(data, self.cfg.train.batch_size, shuffle=True, seed=int(self.cfg.seed), drop_last=False)
+        if self.dp is not None:  # Poisson sampling, budget check, DP optimizers
+            loader = self.dp.batch_loader(data, epochs, max_steps)
+        else:
+            loader = BatchLoader(data, self.cfg.train.batch_size, shuffle=True, seed=int(self.cfg.seed), drop_last=False)
         bar = _progress(epochs * len(loader), progress, "train")
         for _ in range(epochs):
             loader.set_epoch(self.epochs_done)
             self.classification.set_epoch(self.epochs_done, total_epochs)
             prompt_active = self.akd_mode != "off" and self.epochs_done >= self.cfg.akd.warmup_epochs
             for images, labels, indices in loader:
-                if labels.shape[0] < 2:
+                if self.dp is not None:  # no BatchNorm in DP mode; an empty Poisson batch still makes a (noise) step
+                    if labels.shape[0] == 0:
+                        terms = self.dp.empty_step(prompt_active, anchor, proximal_mu)
+                    else:
+                        terms = self._step(images, labels, indices, prompt_active, anchor, proximal_mu, result)
+                    self.dp.account_batch(prompt_active)
+                elif labels.shape[0] < 2:
                     continue  # BatchNorm cannot train on one image; a lone remainder image waits for the next epoch
-                terms = self._step(images, labels, indices, prompt_active, anchor, proximal_mu, result)
+                else:
+                    terms = self._step(images, labels, indices, prompt_active, anchor, proximal_mu, result)
                 n = int(labels.shape[0])
                 result.num_examples += n
                 result.num_steps += 1
@@ -209,6 +228,8 @@ class LocalTrainer:
         if bar is not None:
             bar.close()
         result.losses = {k: v / max(1, result.num_examples) for k, v in sums.items()}
+        if self.dp is not None:
+            self.dp.finish(result, data, track_class_rep)  # per-class statistics never leave raw
         return result
 
     def _views(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -228,7 +249,8 @@ class LocalTrainer:
         targets = None
         if self.teacher is not None:
             if prompt_active:
-                targets, prompt_terms = self._prompt_steps(student_in, teacher_in, y)
+                prompt_steps = self.dp.prompt_steps if self.dp is not None else self._prompt_steps
+                targets, prompt_terms = prompt_steps(student_in, teacher_in, y)
                 terms.update(prompt_terms)
             elif self.feature_cache is not None:
                 targets = self.feature_cache.lookup(indices).to(self.device)
@@ -237,7 +259,8 @@ class LocalTrainer:
                     targets = teacher_targets(self.teacher, teacher_in, self.prompt, self.cfg.prompt.domain)
             targets = targets.float()
         for _ in range(self.cfg.akd.k_s if prompt_active else 1):
-            with autocast_context(self.device):
+            # DP: fp32 student pass, so per-sample norms (clipping = the sensitivity bound) are exact
+            with autocast_context(self.device) if self.dp is None else contextlib.nullcontext():
                 if self.ekd is not None:
                     out = self.student.forward_train(student_in)
                     loss, ekd_terms = self.ekd(out.logits, out.aux_logits, out.projection, targets, y)
@@ -256,6 +279,9 @@ class LocalTrainer:
                     terms["loss_prox"] = float(prox.detach())
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"non-finite training loss {float(loss)} (terms {terms})")
+            if self.dp is not None:  # per-sample clipping + noise replace clip_grad_norm_
+                self.dp.student_step(loss, anchor, proximal_mu)
+                continue
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.train.grad_clip > 0:

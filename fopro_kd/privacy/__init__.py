@@ -1,0 +1,54 @@
+"""Differential privacy for fopro-kd (docs/privacy.md).
+
+* ``local`` mode (sample-level DP-SGD per hospital): :class:`~fopro_kd.privacy.local_dp.DPContext`,
+  created by :class:`~fopro_kd.training.trainer.LocalTrainer` itself; model surgery in
+  :mod:`~fopro_kd.privacy.surgery`; Poisson batches in :mod:`~fopro_kd.privacy.sampling`;
+  accounting and budget checks in :mod:`~fopro_kd.privacy.accounting`; statistics in
+  :mod:`~fopro_kd.privacy.statistics`.
+* ``central`` mode (user-level DP at the server): pure numpy helpers in :mod:`~fopro_kd.privacy.central`.
+
+Importing this package does not import Opacus; the submodules that need it import it lazily.
+"""
+
+from __future__ import annotations
+
+from fopro_kd.privacy.accounting import (
+    PrivacyBudgetExhausted,
+    budget_reason,
+    derive_noise_multiplier,
+    epsilon_of_history,
+    make_accountant,
+    sample_rate_for,
+    would_exceed_budget,
+)
+from fopro_kd.privacy.central import add_central_noise, central_epsilon, central_noise_std, clip_update, update_norm
+from fopro_kd.privacy.statistics import privatize_class_counts, privatize_statistics, statistics_event, statistics_policy
+
+__all__ = [
+    "PrivacyBudgetExhausted",
+    "add_central_noise",
+    "budget_reason",
+    "build_dp_student",
+    "central_epsilon",
+    "central_noise_std",
+    "clip_update",
+    "derive_noise_multiplier",
+    "epsilon_of_history",
+    "make_accountant",
+    "make_student_private_compatible",
+    "privatize_class_counts",
+    "privatize_statistics",
+    "sample_rate_for",
+    "statistics_event",
+    "statistics_policy",
+    "update_norm",
+    "would_exceed_budget",
+]
+
+
+def __getattr__(name: str):
+    if name in ("build_dp_student", "make_student_private_compatible"):
+        from fopro_kd.privacy import surgery
+
+        return getattr(surgery, name)
+    raise AttributeError(name)
