@@ -49,7 +49,7 @@ from client.data import (  # noqa: E402
     site_name,
     site_spec_from_node_config,
 )
-from client.state import ClientState, ClientStateStore, default_state_root  # noqa: E402
+from client.state import STATE_KEY, ClientState, ClientStateStore, check_state_key, default_state_root  # noqa: E402
 from fopro_kd.config import Config  # noqa: E402
 from fopro_kd.seeding import select_device  # noqa: E402
 from fopro_kd.training.components import build_models, shared_teacher, uses_teacher  # noqa: E402
@@ -66,6 +66,9 @@ __all__ = ["SiteSkipped", "app", "handle_evaluate", "handle_train", "make_client
 
 CONTEXT_STATE_KEY = "fopro-kd-client"
 SERVER_ROUND_KEY = "server-round"
+
+FaultInjector = Callable[[str, Message, Context, Callable[[], Message]], Message]
+"""TEST-ONLY hook type: ``injector(kind, msg, context, handler) -> reply`` (see :func:`make_client_app`)."""
 
 
 class SiteSkipped(RuntimeError):
@@ -117,9 +120,17 @@ def _site(context: Context, cfg: Config) -> tuple[SiteSpec, SiteData]:
     return spec, load_site_data(cfg, spec)
 
 
-def _state_store(context: Context, spec: SiteSpec, state_root: Path | None) -> ClientStateStore:
+def _state_store(
+    context: Context, spec: SiteSpec, state_root: Path | None, state_key: str | None = None
+) -> ClientStateStore:
+    """The site's state store; ``state_key`` (sent by the server, stable across a resume) names the run folder.
+
+    Without a key (an older server, unit tests) the Flower run id is used, which changes when a
+    run is resumed. A key that is not a plain folder name is refused (:func:`check_state_key`).
+    """
     root = state_root or Path(str(context.node_config.get(STATE_DIR_KEY) or default_state_root()))
-    return ClientStateStore(root, f"run-{context.run_id}", spec.site_id)
+    key = f"run-{context.run_id}" if state_key is None else check_state_key(str(state_key), spec.node)
+    return ClientStateStore(root, key, spec.site_id)
 
 
 def _global_state(msg: Message, spec: SiteSpec) -> dict[str, torch.Tensor]:
@@ -205,8 +216,9 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
     global_state = _global_state(msg, spec)
     _load_student(student, global_state, spec)
 
-    store = _state_store(context, spec, state_root)
-    state = store.load()
+    state_key = config.get(STATE_KEY)
+    store = _state_store(context, spec, state_root, None if state_key is None else str(state_key))
+    state = store.load(before_round=server_round if server_round > 0 else None)
     trainer = LocalTrainer(cfg, student, teacher, prompt, data.class_counts(), device)
     if state.trainer is not None:
         trainer.load_state_dict(state.trainer)
@@ -280,7 +292,11 @@ def _with_node_context(fn: Callable[[], Message], context: Context) -> Message:
         raise RuntimeError(f"{where}: {type(exc).__name__}: {exc}") from exc
 
 
-def make_client_app(cfg: Config | None = None, state_root: str | Path | None = None) -> ClientApp:
+def make_client_app(
+    cfg: Config | None = None,
+    state_root: str | Path | None = None,
+    fault_injector: FaultInjector | None = None,
+) -> ClientApp:
     """A ClientApp bound to ``cfg`` (or reading the run config when None).
 
     Parameters
@@ -289,6 +305,12 @@ def make_client_app(cfg: Config | None = None, state_root: str | Path | None = N
         The full run configuration; None reads ``config-file`` / ``overrides`` from the run config.
     state_root : path, optional
         Private folder for per-site state; None uses node config ``state-dir`` or the user cache.
+    fault_injector : callable, optional
+        **TEST-ONLY hook** (``tests/test_faults.py``): called as
+        ``fault_injector(kind, msg, context, handler)`` with ``kind`` ``"train"`` or
+        ``"evaluate"`` and ``handler()`` running the real handler; whatever it returns (or
+        raises) is the node's reply. No config key, run-config key or node-config key sets it:
+        the deployed ``app`` below never has one, so production code has no fault switches.
     """
     app = ClientApp()
     root = Path(state_root) if state_root is not None else None
@@ -296,13 +318,18 @@ def make_client_app(cfg: Config | None = None, state_root: str | Path | None = N
     def resolve(context: Context) -> Config:
         return cfg if cfg is not None else config_from_run_config(context.run_config)
 
+    def run(kind: str, msg: Message, context: Context, handler: Callable[[], Message]) -> Message:
+        if fault_injector is None:
+            return _with_node_context(handler, context)
+        return _with_node_context(lambda: fault_injector(kind, msg, context, handler), context)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _with_node_context(lambda: handle_train(msg, context, resolve(context), root), context)
+        return run("train", msg, context, lambda: handle_train(msg, context, resolve(context), root))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _with_node_context(lambda: handle_evaluate(msg, context, resolve(context)), context)
+        return run("evaluate", msg, context, lambda: handle_evaluate(msg, context, resolve(context)))
 
     return app
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,13 @@ from fopro_kd.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 
 logger = logging.getLogger("fopro_kd.federation")
 
-__all__ = ["CLIENT_STATE_FORMAT", "ClientState", "ClientStateStore", "default_state_root"]
+__all__ = ["CLIENT_STATE_FORMAT", "ClientState", "STATE_KEY", "ClientStateStore", "check_state_key", "default_state_root"]
 
 CLIENT_STATE_FORMAT = "fopro-kd-client-state/1"
+STATE_KEY = "state-key"
+"""Train-config key: the run's client-state folder name, chosen by the server and kept across a resume."""
 STATE_FILE = "client_state.pt"
+PREV_STATE_FILE = "client_state.prev.pt"
 
 
 def default_state_root() -> Path:
@@ -71,8 +75,31 @@ class ClientState:
         )
 
 
+STATE_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""What a run key (a folder name under the state root) may look like: no separators, no ``..``."""
+
+
+def check_state_key(key: str, where: str = "client state") -> str:
+    """``key`` if it is a safe single folder name, else ``ValueError`` naming ``where`` and the key.
+
+    The key arrives from the server in the train instruction (``"state-key"``); a key such as
+    ``../../etc`` must never make a hospital write outside its state root.
+    """
+    if not isinstance(key, str) or not STATE_KEY_PATTERN.fullmatch(key) or ".." in key:
+        raise ValueError(
+            f"{where}: refusing state key {key!r}: it must be one folder name of letters, digits, '.', '_' or '-' "
+            "(max 128 characters, no '..', no path separators)"
+        )
+    return key
+
+
 class ClientStateStore:
-    """One site's state directory: ``<root>/<run>/site-<id>/client_state.pt``.
+    """One site's state directory: ``<root>/<run key>/site-<id>/client_state.pt`` (+ ``client_state.prev.pt``).
+
+    The two newest states are kept (the current one and the one of the round before), so a
+    federation resumed from the server's checkpoint of round k finds the client's state of
+    round k even when the site had already trained round k + 1 before the server was killed
+    (:meth:`load` with ``before_round``).
 
     Parameters
     ----------
@@ -80,33 +107,79 @@ class ClientStateStore:
         Private folder of the node (simulation: the run directory's ``client_state``;
         deployment: node config ``state-dir`` or :func:`default_state_root`).
     run_key : str
-        Separates runs, so a new run never resumes an old run's optimizer.
+        Separates runs, so a new run never resumes an old run's optimizer. Must be a plain
+        folder name (:func:`check_state_key`).
     site_id : int
         The site whose state this is.
     """
 
     def __init__(self, root: str | Path, run_key: str, site_id: int) -> None:
         self.site_id = int(site_id)
-        self.directory = Path(root).expanduser() / run_key / f"site-{self.site_id}"
+        check_state_key(run_key, f"site-{self.site_id}")
+        self.root = Path(root).expanduser().resolve()
+        self.directory = (self.root / run_key / f"site-{self.site_id}").resolve()
+        if self.root not in self.directory.parents:
+            raise ValueError(f"site-{self.site_id}: state directory {self.directory} escapes the state root {self.root}")
         self.path = self.directory / STATE_FILE
+        self.prev_path = self.directory / PREV_STATE_FILE
+        self._current_round: int | None = None  # last_round of ``path``, known once it was read or written
+        self._current_known = False
 
-    def load(self) -> ClientState:
-        """The saved state, or a fresh one (first round, or an unreadable file, which is logged)."""
-        if not self.path.is_file():
-            return ClientState(self.site_id)
+    def _read(self, path: Path) -> ClientState | None:
+        if not path.is_file():
+            return None
         try:
-            payload = load_checkpoint(self.path, expected_format=CLIENT_STATE_FORMAT)
-        except CheckpointError as exc:
-            logger.warning("site-%d: ignoring unreadable client state (%s); starting fresh", self.site_id, exc)
-            return ClientState(self.site_id)
-        state = ClientState.from_payload(payload)
+            payload = load_checkpoint(path, expected_format=CLIENT_STATE_FORMAT)
+            state = ClientState.from_payload(payload)
+        except (CheckpointError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            logger.warning("site-%d: ignoring unreadable client state %s (%s)", self.site_id, path, exc)
+            return None
         if state.site_id != self.site_id:
-            logger.warning("site-%d: state file %s belongs to site-%d; starting fresh", self.site_id, self.path,
+            logger.warning("site-%d: state file %s belongs to site-%d; ignoring it", self.site_id, path,
                            state.site_id)
-            return ClientState(self.site_id)
+            return None
         return state
 
+    def _read_current(self) -> ClientState | None:
+        state = self._read(self.path)
+        self._current_round = None if state is None else state.last_round
+        self._current_known = True
+        return state
+
+    def load(self, before_round: int | None = None) -> ClientState:
+        """The newest readable state (with ``last_round < before_round`` when given), else a fresh one.
+
+        ``before_round`` is the round about to be trained: a state saved for that round or a
+        later one (left by a run that was killed and resumed from an earlier checkpoint) is
+        skipped in favour of the previous state. Unreadable files are logged and skipped.
+        """
+        for path in (self.path, self.prev_path):
+            state = self._read_current() if path == self.path else self._read(path)
+            if state is None:
+                continue
+            if before_round is not None and before_round > 0 and state.last_round >= before_round:
+                logger.info("site-%d: state of round %d in %s is not before round %d; looking further back",
+                            self.site_id, state.last_round, path.name, before_round)
+                continue
+            return state
+        if before_round is not None and before_round > 1 and (self.path.is_file() or self.prev_path.is_file()):
+            logger.warning("site-%d: no saved state from before round %d; starting fresh", self.site_id, before_round)
+        return ClientState(self.site_id)
+
     def save(self, state: ClientState) -> str:
-        """Write atomically; return the SHA-256 of the file."""
+        """Write atomically, keeping the previous round's state; return the SHA-256 of the file.
+
+        When the current file holds an *earlier* round it becomes ``client_state.prev.pt``; a
+        state for the same round (a round trained again after a resume) replaces it in place.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
-        return save_checkpoint(self.path, state.to_payload())
+        if not self._current_known:
+            self._read_current()
+        if self._current_round is not None and self._current_round < state.last_round:
+            for suffix in (".sha256", ""):  # sidecar first: a crash in between leaves the current file loadable
+                src = self.path.with_name(self.path.name + suffix)
+                if src.is_file():
+                    os.replace(src, self.prev_path.with_name(self.prev_path.name + suffix))
+        digest = save_checkpoint(self.path, state.to_payload())
+        self._current_round, self._current_known = int(state.last_round), True
+        return digest

@@ -13,6 +13,7 @@ error reply from a node seen before keeps its site name, an unknown one is ``nod
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from flwr.common import log
 from client.data import site_name
 
 __all__ = ["RoundLog", "RoundRecorder"]
+
+_NODE_SITE = re.compile(r"node (\d+) \(site-(\d+)\)")
 
 
 @dataclass
@@ -45,6 +48,49 @@ class RoundLog:
     rejections: list[dict[str, Any]] = field(default_factory=list)
     site_eval: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
     eval_errors: dict[int, str] = field(default_factory=dict)
+    missing: dict[int, str] = field(default_factory=dict)
+    """Nodes sent a train instruction that never replied within the round timeout (slow or disconnected)."""
+    robust_factors: dict[int, float] = field(default_factory=dict)
+    """FedMAS robust factor ρ_k each node reported this round (strategy state kept in checkpoints)."""
+    aggregated: bool | None = None
+    """Whether the strategy produced a new global model this round (None: not aggregated yet)."""
+
+    def to_payload(self) -> dict[str, Any]:
+        """Plain containers only (for a ``weights_only`` checkpoint); ``started`` is not kept."""
+        return {
+            "server_round": int(self.server_round),
+            "weights": {int(k): float(v) for k, v in self.weights.items()},
+            "bytes_up": {int(k): int(v) for k, v in self.bytes_up.items()},
+            "train_seconds": {int(k): float(v) for k, v in self.train_seconds.items()},
+            "class_counts": {int(k): [int(c) for c in v] for k, v in self.class_counts.items()},
+            "train_errors": {int(k): str(v) for k, v in self.train_errors.items()},
+            "rejections": [dict(r) for r in self.rejections],
+            "site_eval": {int(k): ([int(c) for c in v[0]], [int(t) for t in v[1]]) for k, v in self.site_eval.items()},
+            "eval_errors": {int(k): str(v) for k, v in self.eval_errors.items()},
+            "missing": {int(k): str(v) for k, v in self.missing.items()},
+            "robust_factors": {int(k): float(v) for k, v in self.robust_factors.items()},
+            "aggregated": self.aggregated,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> RoundLog:
+        fields = {k: v for k, v in payload.items() if k in cls.__dataclass_fields__}
+        fields["site_eval"] = {int(k): (list(v[0]), list(v[1])) for k, v in fields.get("site_eval", {}).items()}
+        return cls(**fields)
+
+
+def _count_problem(correct: Any, total: Any) -> str | None:
+    """Why per-class ``correct-counts`` / ``total-counts`` of an evaluate reply are unusable (None if usable)."""
+    if not isinstance(correct, list) or not isinstance(total, list):
+        return "'correct-counts' and 'total-counts' must both be lists"
+    if len(correct) != len(total) or not correct:
+        return f"'correct-counts' ({len(correct)}) and 'total-counts' ({len(total)}) need one entry per class"
+    values = correct + total
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        return "counts must be integers >= 0"
+    if any(c > t for c, t in zip(correct, total)):
+        return "a class has more correct predictions than samples"
+    return None
 
 
 def _metrics(msg: Message) -> MetricRecord | None:
@@ -82,6 +128,12 @@ class RoundRecorder:
             value = None if record is None else record.get("site-id")
             if isinstance(value, int) and not isinstance(value, bool):
                 self.node_sites[node] = site_name(value)
+        elif node not in self.node_sites:
+            # The ClientApp names itself in its error ("node <id> (site-<k>): ..."); accept the label only
+            # for the node that sent it, so a failing node is reported by site even before its first success.
+            match = _NODE_SITE.search(str(msg.error.reason))
+            if match and int(match.group(1)) == node:
+                self.node_sites[node] = site_name(int(match.group(2)))
         return node
 
     # ------------------------------------------------------------------ hooks
@@ -106,6 +158,32 @@ class RoundRecorder:
                 counts = record.get("class-counts")
                 if isinstance(counts, list):
                     entry.class_counts[site] = [int(c) for c in counts]
+                rho = record.get("robust-factor")
+                if isinstance(rho, (int, float)) and not isinstance(rho, bool):
+                    entry.robust_factors[site] = float(rho)
+
+    def on_missing(self, server_round: int, node_ids: Iterable[int], reason: str) -> None:
+        """Nodes that were sent a train instruction but did not reply before the round timeout."""
+        entry = self.get(server_round)
+        for node in sorted(int(n) for n in node_ids):
+            entry.missing[node] = reason
+            log(WARNING, "Round %s: %s sent no reply: %s", server_round, self.site_of(node), reason)
+
+    def failures(self, entry: RoundLog) -> dict[int, str]:
+        """Every node that failed in the round's training: error replies and missing replies, by node id."""
+        return {**entry.train_errors, **{node: f"timeout: {reason}" for node, reason in entry.missing.items()}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "rounds": {int(r): log.to_payload() for r, log in sorted(self.rounds.items())},
+            "node_sites": {int(k): str(v) for k, v in self.node_sites.items()},
+        }
+
+    def load_payload(self, payload: dict[str, Any]) -> None:
+        """Restore the rounds of a checkpoint (node ids of an earlier process keep their site names)."""
+        self.rounds = {int(r): RoundLog.from_payload(log) for r, log in payload.get("rounds", {}).items()}
+        self.node_sites.update({int(k): str(v) for k, v in payload.get("node_sites", {}).items()})
 
     def on_aggregated(self, server_round: int, weights: dict[int, float], rejections: list[dict[str, Any]]) -> None:
         entry = self.get(server_round)
@@ -122,8 +200,14 @@ class RoundRecorder:
             record = _metrics(msg)
             correct = None if record is None else record.get("correct-counts")
             total = None if record is None else record.get("total-counts")
-            if isinstance(correct, list) and isinstance(total, list) and len(correct) == len(total):
-                entry.site_eval[site] = ([int(v) for v in correct], [int(v) for v in total])
+            if correct is None and total is None:
+                continue
+            problem = _count_problem(correct, total)
+            if problem is not None:
+                entry.eval_errors[site] = f"invalid evaluate reply: {problem}"
+                log(WARNING, "Round %s: ignored evaluate counts of %s: %s", server_round, self.site_of(site), problem)
+                continue
+            entry.site_eval[site] = ([int(v) for v in correct], [int(v) for v in total])
 
     # ------------------------------------------------------------------ wiring
     def instrument(self, strategy: Any) -> Any:
@@ -142,6 +226,7 @@ class RoundRecorder:
             result = aggregate_train(server_round, replies)
             self.on_aggregated(server_round, dict(getattr(strategy, "last_weights", {}) or {}),
                                list(getattr(strategy, "last_rejections", []) or []))
+            self.get(server_round).aggregated = result is not None and result[0] is not None
             return result
 
         def aggregate_evaluate_hook(server_round: int, replies: Iterable[Message]) -> Any:

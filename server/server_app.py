@@ -20,6 +20,7 @@ import copy
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from client.data import RUN_CONFIG_OUT_DIR_KEY, cached_splits, config_from_run_config  # noqa: E402
+from client.state import STATE_KEY  # noqa: E402
 from fopro_kd.checkpoint import save_checkpoint  # noqa: E402
 from fopro_kd.config import Config, ConfigError  # noqa: E402
 from fopro_kd.data.dataset import DatasetSplits  # noqa: E402
@@ -47,13 +49,37 @@ from fopro_kd.seeding import select_device  # noqa: E402
 from fopro_kd.training.components import uses_teacher  # noqa: E402
 from fopro_kd.training.single_site import evaluate_student, student_checkpoint  # noqa: E402
 from server.evaluation import build_global_student, site_metrics_from_counts  # noqa: E402
+from server.checkpoints import (  # noqa: E402
+    ResumeError,
+    ServerCheckpointStore,
+    arrays_from_tensors,
+    check_fresh_run_dir,
+    config_hash,
+    get_rng_state,
+    plain,
+    set_rng_state,
+    tensors_from_arrays,
+)
 from server.history import RoundLog, RoundRecorder  # noqa: E402
+from server.rounds import FederationAborted, RoundGuard  # noqa: E402
 from server.strategies import build_strategy, get_strategy_class  # noqa: E402
 from server.strategies.base import weighted_mean_metrics  # noqa: E402
 
 logger = logging.getLogger("fopro_kd.federation")
 
-__all__ = ["ServerEvaluator", "app", "check_federation_config", "make_server_app", "run_federation"]
+__all__ = [
+    "RUN_CONFIG_RESUME_DIR_KEY",
+    "FederationAborted",
+    "ServerEvaluator",
+    "app",
+    "check_federation_config",
+    "load_resume_checkpoint",
+    "make_server_app",
+    "run_federation",
+]
+
+RUN_CONFIG_RESUME_DIR_KEY = "resume-dir"
+"""Run-config key of ``flwr run``: absolute run directory to continue from its last complete round."""
 
 
 # --------------------------------------------------------------------------- start-up checks
@@ -123,6 +149,8 @@ class ServerEvaluator:
         self.train_counts = splits.train.class_counts()
         self.student = build_global_student(cfg, splits.train.num_classes).to(self.device)
         self.best = Selection()
+        self.best_arrays: dict[str, torch.Tensor] | None = None
+        """Copy of the best round's global weights (kept for the checkpoint once later rounds overwrite the student)."""
         self.timings: list[dict[str, float]] = []
         self._last_end = time.perf_counter()
 
@@ -185,26 +213,45 @@ class ServerEvaluator:
             row.update({f"weight/{site}": w for site, w in by_site(entry.weights).items()})
             row.update({f"bytes/{site}": b for site, b in by_site(entry.bytes_up).items()})
             for site, (correct, total) in by_site(entry.site_eval).items():
+                if len(correct) != len(self.splits.class_names):
+                    logger.warning("round %d: %s sent %d per-class counts for %d classes; ignored", server_round,
+                                   site, len(correct), len(self.splits.class_names))
+                    continue
                 row[f"site_bacc/{site}"] = self._site_metrics(correct, total)["balanced_accuracy"]
             row["clients_aggregated"] = len(entry.weights)
-            row["clients_rejected"] = len(entry.rejections)  # error replies included
+            row["clients_rejected"] = len(entry.rejections) + len(entry.missing)  # error and missing replies included
+            row["clients_failed"] = len(self.recorder.failures(entry))  # error replies + no reply before the timeout
         row.update(self._timing(entry, eval_seconds, started))
         return row
 
     def _site_metrics(self, correct: list[int], total: list[int]) -> dict[str, Any]:
         return site_metrics_from_counts(correct, total, self.splits.class_names, self.train_counts, self.cfg.metrics)
 
-    def _select(self, server_round: int, score: float, test: dict, entry: RoundLog | None) -> None:
-        self.best = Selection(server_round, score, copy.deepcopy(test))
-        per_site = {}
-        if entry is not None:
-            per_site = {site: self._site_metrics(c, t) for site, (c, t) in self.recorder.by_site(entry.site_eval).items()}
-        self.best.test_metrics["per_site"] = per_site
+    def restore(self, best: dict[str, Any], best_arrays: ArrayRecord | None, timings: list[dict[str, float]]) -> None:
+        """Continue from a checkpoint: best-so-far selection (and ``best.pt`` rewritten from it), timings."""
+        self.best = Selection(int(best["round"]), float(best["val_balanced_accuracy"]), dict(best["test_metrics"]))
+        self.timings = [dict(t) for t in timings]
+        if self.best.round > 0 and best_arrays is not None:
+            self.student.load_state_dict(best_arrays.to_torch_state_dict())
+            self.best_arrays = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
+            self._save_best(self.best.round, self.best.val_balanced_accuracy)
+
+    def _save_best(self, server_round: int, score: float) -> None:
         save_checkpoint(
             self.run.resolve("best.pt"),
             student_checkpoint(self.student, self.cfg, self.splits.class_names,
                                {"round": server_round, "val_balanced_accuracy": float(score)}),
         )
+
+    def _select(self, server_round: int, score: float, test: dict, entry: RoundLog | None) -> None:
+        self.best = Selection(server_round, score, copy.deepcopy(test))
+        self.best_arrays = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
+        per_site = {}
+        if entry is not None:
+            per_site = {site: self._site_metrics(c, t) for site, (c, t) in self.recorder.by_site(entry.site_eval).items()
+                        if len(c) == len(self.splits.class_names)}
+        self.best.test_metrics["per_site"] = per_site
+        self._save_best(server_round, score)
 
 
 # --------------------------------------------------------------------------- report
@@ -231,12 +278,16 @@ def _final_metrics(cfg: Config, evaluator: ServerEvaluator, recorder: RoundRecor
         ),
         "wall_seconds": wall,
         "failed_replies": {
-            str(r): {**recorder.by_site(log.train_errors),
+            str(r): {**recorder.by_site(recorder.failures(log)),
                      **{f"evaluate:{k}": v for k, v in recorder.by_site(log.eval_errors).items()}}
-            for r, log in sorted(recorder.rounds.items()) if log.train_errors or log.eval_errors
+            for r, log in sorted(recorder.rounds.items()) if log.train_errors or log.missing or log.eval_errors
         },
         "rejected_replies": [{**rej, "site": recorder.site_of(rej.get("node_id", -1))}
-                             for log in recorder.rounds.values() for rej in log.rejections],
+                             for _, log in sorted(recorder.rounds.items()) for rej in log.rejections],
+        "missing_replies": [{"round": r, "node_id": node, "site": recorder.site_of(node), "check": "timeout",
+                             "reason": reason}
+                            for r, log in sorted(recorder.rounds.items()) for node, reason in sorted(log.missing.items())],
+        "rounds_without_aggregation": [r for r, log in sorted(recorder.rounds.items()) if log.aggregated is False],
     })
     return metrics
 
@@ -284,33 +335,183 @@ def _initial_arrays(cfg: Config, num_classes: int) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu() for k, v in student.state_dict().items()})
 
 
+def _strategy_state(cfg: Config, strategy: Any, recorder: RoundRecorder, server_round: int) -> dict[str, Any]:
+    """What the strategy knows at the end of ``server_round`` (FedMAS factors, DRW phase) for the checkpoint.
+
+    Every strategy here is stateless between rounds apart from the round number (the DRW
+    switch is derived from it); the robust factors are stored for the record and the report.
+    """
+    state: dict[str, Any] = {"name": cfg.federation.strategy, "round": int(server_round)}
+    if cfg.federation.strategy == "fedmas":
+        switch = int(getattr(strategy, "drw_switch", 0))
+        entry = recorder.rounds.get(server_round)
+        state.update({
+            "rule": cfg.federation.fedmas_rule,
+            "drw_switch_round": switch + 1,  # first server round with DRW weights
+            "phase": ("drw" if server_round >= switch + 1 else "fedavg") if cfg.federation.fedmas_rule == "mas_DRW"
+            else cfg.federation.fedmas_rule,
+            "robust_factors": {} if entry is None else recorder.by_site(entry.robust_factors),
+            "last_weight_mode": str(getattr(strategy, "last_weight_mode", "")),
+        })
+    return state
+
+
+@dataclass
+class _Resume:
+    """What a resumed federation takes from its checkpoint."""
+
+    payload: dict[str, Any]
+    path: Path
+
+    @property
+    def round(self) -> int:
+        return int(self.payload["round"])
+
+
+def load_resume_checkpoint(cfg: Config, run_dir: str | Path, config_source: str = "the config") -> _Resume:
+    """The checkpoint a resumed run continues from (see :class:`server.checkpoints.ServerCheckpointStore`).
+
+    Raises :class:`~server.checkpoints.ResumeError` naming the run directory when nothing can be
+    resumed, or both config hashes when the checkpoint belongs to another run.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ResumeError(f"cannot resume {path}: no such run directory")
+    store = ServerCheckpointStore(RunDir(path))
+    payload, ckpt = store.load_latest(config_hash(cfg), config_source)
+    if int(payload["num_rounds"]) != cfg.federation.num_rounds:  # covered by the hash; kept as a clear message
+        raise ResumeError(f"checkpoint {ckpt} is from a {payload['num_rounds']}-round run, the config has "
+                          f"{cfg.federation.num_rounds} rounds")
+    return _Resume(payload, ckpt)
+
+
 def run_federation(
-    grid: Grid, cfg: Config, out_dir: str | Path, parallel_slots: int | None = None
+    grid: Grid,
+    cfg: Config,
+    out_dir: str | Path,
+    parallel_slots: int | None = None,
+    *,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``cfg.federation.num_rounds`` rounds on ``grid`` and write the run directory.
 
+    After every round (round 0 = the initial model included) a checkpoint is written to
+    ``checkpoints/server-round-XXXX.pt`` (:mod:`server.checkpoints`). With ``resume=True`` the
+    run continues from the newest valid checkpoint in ``out_dir``: Flower's strategy starts
+    from the checkpoint's global model for the remaining rounds, with round numbers offset
+    so that the strategy, the clients and the history see the true round.
+
     Returns the content of ``metrics.json``.
+
+    Raises
+    ------
+    FederationAborted
+        After ``federation.max_failed_rounds`` consecutive rounds with too few valid replies;
+        the checkpoint of the last round and ``aborted.json`` are written first.
+    ResumeError
+        A fresh run in a directory holding another run's checkpoints, or nothing to resume.
     """
-    started = time.perf_counter()
+    wall_start = time.perf_counter()
+    fed = cfg.federation
     check_federation_config(cfg)
+    resumed = load_resume_checkpoint(cfg, out_dir, f"the config of {Path(out_dir)}") if resume else None
+    if resumed is None:
+        check_fresh_run_dir(out_dir)
     run = RunDir(out_dir)
     run.save_config(cfg)
+    store = ServerCheckpointStore(run)
     splits = cached_splits(cfg)
     recorder = RoundRecorder()
     strategy = recorder.instrument(build_strategy(
-        cfg.federation, train_metrics_aggr_fn=aggregate_metrics, evaluate_metrics_aggr_fn=aggregate_metrics))
+        fed, train_metrics_aggr_fn=aggregate_metrics, evaluate_metrics_aggr_fn=aggregate_metrics,
+        min_valid_replies=fed.min_valid_replies, max_update_norm=fed.max_update_norm))
     evaluator = ServerEvaluator(cfg, splits, run, recorder, parallel_slots)
-    logger.info("federation: %s, %d rounds, %d clients, run directory %s", cfg.federation.strategy,
-                cfg.federation.num_rounds, cfg.federation.num_clients, run.path)
-    strategy.start(
-        grid=grid,
-        initial_arrays=_initial_arrays(cfg, splits.train.num_classes),
-        num_rounds=cfg.federation.num_rounds,
-        timeout=cfg.federation.round_timeout_s,
-        train_config=ConfigRecord({"num-rounds": int(cfg.federation.num_rounds)}),
-        evaluate_fn=evaluator,
-    )
-    metrics = _final_metrics(cfg, evaluator, recorder, time.perf_counter() - started)
+    done = 0
+    wall_before = 0.0
+    state_key = f"run-{uuid.uuid4().hex[:16]}"
+    run_uid = state_key
+    if resumed is not None:
+        payload = resumed.payload
+        done = resumed.round
+        wall_before = float(payload.get("wall_seconds", 0.0))
+        state_key, run_uid = str(payload["state_key"]), str(payload.get("run_uid", payload["state_key"]))
+        recorder.load_payload(payload["recorder"])
+        rows = [dict(r) for r in payload["history"]]
+        run.history = rows[:-1]
+        if rows:
+            run.append_history(rows[-1])  # rewrites history.csv without rows of rounds after the checkpoint
+        best = payload["best"]
+        best_tensors = best.get("arrays") if best.get("arrays") is not None else payload["arrays"]
+        evaluator.restore(best, arrays_from_tensors(best_tensors), payload.get("timings", []))
+        logger.info("resuming %s from %s: round %d of %d done", run.path, resumed.path.name, done, fed.num_rounds)
+    guard = RoundGuard(recorder, round_offset=done, timeout_s=fed.round_timeout_s)
+    guard.instrument(strategy)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        best = evaluator.best
+        store.save({
+            "round": int(server_round),
+            "num_rounds": int(fed.num_rounds),
+            "config_hash": config_hash(cfg),
+            "state_key": state_key,
+            "run_uid": run_uid,
+            "arrays": tensors_from_arrays(arrays),
+            "strategy": _strategy_state(cfg, strategy, recorder, server_round),
+            "best": {
+                "round": int(best.round),
+                "val_balanced_accuracy": float(best.val_balanced_accuracy),
+                "test_metrics": plain(best.test_metrics),
+                "arrays": None if best.round in (server_round, -1) else evaluator.best_arrays,
+            },
+            "history": plain(run.history),
+            "recorder": recorder.to_payload(),
+            "timings": plain(evaluator.timings),
+            "failed_streak": int(guard.failed_streak),
+            "rng": get_rng_state(),
+            "wall_seconds": wall_before + time.perf_counter() - wall_start,
+            "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},
+        })
+
+    def evaluate_fn(loop_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = guard.true_round(loop_round)
+        if resumed is not None and loop_round == 0:
+            set_rng_state(resumed.payload["rng"])  # the state the uninterrupted run had when round k+1 began
+            return None
+        result = evaluator(server_round, arrays)
+        checkpoint(server_round, arrays)
+        if guard.failed_streak >= fed.max_failed_rounds:
+            raise FederationAborted(
+                f"stopping after round {server_round}: {guard.failed_streak} consecutive round(s) without enough valid "
+                f"replies (federation.max_failed_rounds={fed.max_failed_rounds}, min_valid_replies="
+                f"{fed.min_valid_replies}); state saved in {store.path_for(server_round)}; fix the failing hospitals "
+                f"and continue with `fopro-kd simulate --resume {run.path}`",
+                server_round=server_round, failed_rounds=list(guard.failed_rounds), run_dir=str(run.path),
+            )
+        return result
+
+    remaining = fed.num_rounds - done
+    logger.info("federation: %s, %d rounds (%d to run), %d clients, run directory %s", fed.strategy,
+                fed.num_rounds, remaining, fed.num_clients, run.path)
+    initial = (_initial_arrays(cfg, splits.train.num_classes) if resumed is None
+               else arrays_from_tensors(resumed.payload["arrays"]))
+    try:
+        if remaining > 0:
+            strategy.start(
+                grid=grid,
+                initial_arrays=initial,
+                num_rounds=remaining,
+                timeout=fed.round_timeout_s,
+                train_config=ConfigRecord({"num-rounds": int(fed.num_rounds), STATE_KEY: state_key}),
+                evaluate_fn=evaluate_fn,
+            )
+    except FederationAborted as exc:
+        metrics = _final_metrics(cfg, evaluator, recorder, wall_before + time.perf_counter() - wall_start)
+        run.write_json("aborted.json", {"reason": str(exc), "round": exc.server_round,
+                                        "failed_rounds": exc.failed_rounds, "partial_metrics": metrics})
+        logger.error("federation aborted: %s", exc)
+        raise
+    metrics = _final_metrics(cfg, evaluator, recorder, wall_before + time.perf_counter() - wall_start)
+    metrics["resumed_from_round"] = done if resumed is not None else None
     run.write_json("metrics.json", metrics)
     _write_plots(run, metrics, evaluator, recorder)
     logger.info("federation finished: best round %d, test bACC %s", metrics["best_round"],
@@ -318,29 +519,49 @@ def run_federation(
     return metrics
 
 
-def make_server_app(cfg: Config, out_dir: str | Path, parallel_slots: int | None = None) -> ServerApp:
-    """A ServerApp bound to ``cfg`` writing to ``out_dir`` (simulation and tests)."""
+def make_server_app(
+    cfg: Config, out_dir: str | Path, parallel_slots: int | None = None, *, resume: bool = False
+) -> ServerApp:
+    """A ServerApp bound to ``cfg`` writing to ``out_dir`` (simulation and tests); ``resume`` continues it."""
     server_app = ServerApp()
     out = Path(out_dir).resolve()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, out, parallel_slots)
+        run_federation(grid, cfg, out, parallel_slots, resume=resume)
 
     return server_app
+
+
+def _absolute_dir(key: str, raw: str) -> Path:
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(
+            f"run config '{key}' must be an absolute path (the app runs from an installed copy), got {raw!r}"
+        )
+    return path.resolve()
 
 
 def _out_dir_from_run_config(cfg: Config, context: Context) -> Path:
     raw = str(context.run_config.get(RUN_CONFIG_OUT_DIR_KEY, "") or "")
     if not raw:
         return default_run_dir(cfg, "federated").resolve()
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
+    return _absolute_dir(RUN_CONFIG_OUT_DIR_KEY, raw)
+
+
+def run_dirs_from_run_config(cfg: Config, context: Context) -> tuple[Path, bool]:
+    """``(run directory, resume?)`` from the run config keys ``out-dir`` and ``resume-dir``."""
+    resume_raw = str(context.run_config.get(RUN_CONFIG_RESUME_DIR_KEY, "") or "")
+    if not resume_raw:
+        return _out_dir_from_run_config(cfg, context), False
+    resume_dir = _absolute_dir(RUN_CONFIG_RESUME_DIR_KEY, resume_raw)
+    out_raw = str(context.run_config.get(RUN_CONFIG_OUT_DIR_KEY, "") or "")
+    if out_raw and _absolute_dir(RUN_CONFIG_OUT_DIR_KEY, out_raw) != resume_dir:
         raise ConfigError(
-            f"run config '{RUN_CONFIG_OUT_DIR_KEY}' must be an absolute path (the app runs from an installed copy), "
-            f"got {raw!r}"
+            f"run config '{RUN_CONFIG_RESUME_DIR_KEY}' ({resume_dir}) continues that run directory; "
+            f"'{RUN_CONFIG_OUT_DIR_KEY}' ({out_raw}) must be empty or the same path"
         )
-    return path
+    return resume_dir, True
 
 
 app = ServerApp()
@@ -349,7 +570,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Read the config from the run config and run the federation."""
+    """Read the config from the run config and run (or, with ``resume-dir``, continue) the federation."""
     cfg = config_from_run_config(context.run_config)
     torch.set_num_threads(max(1, cfg.train.num_threads or torch.get_num_threads()))
-    run_federation(grid, cfg, _out_dir_from_run_config(cfg, context))
+    out, resume = run_dirs_from_run_config(cfg, context)
+    run_federation(grid, cfg, out, resume=resume)

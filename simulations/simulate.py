@@ -6,7 +6,9 @@ Phases (each a small function):
 2. build the splits once in this process (warms the decoded-image cache), plan the sites
    and write each site's class histogram (JSON + plot) *before* training;
 3. make sure the demo teacher exists (pretrained once here, not by every actor at once);
-4. run ``flwr.simulation.run_simulation`` with the fopro-kd ServerApp and ClientApp.
+4. run ``flwr.simulation.run_simulation`` with the fopro-kd ServerApp and ClientApp;
+   ``--resume RUN_DIR`` continues a run from its newest valid server checkpoint
+   (docs/reliability.md); Ray is always shut down afterwards, also after a failure.
 
 Client processes rebuild their partition from ``(config, partition-id)``
 (:mod:`client.data`); no dataset is pickled into Ray.
@@ -29,11 +31,7 @@ from fopro_kd.run_dir import RunDir, default_run_dir  # noqa: E402
 
 logger = logging.getLogger("fopro_kd.federation")
 
-__all__ = ["ResumeNotSupportedError", "run_simulation_from_config", "simulate", "write_site_histograms"]
-
-
-class ResumeNotSupportedError(NotImplementedError):
-    """``--resume`` is not implemented for simulations: Flower's simulation engine restarts from round 1."""
+__all__ = ["EXIT_ABORTED", "run_simulation_from_config", "simulate", "write_site_histograms"]
 
 
 def write_site_histograms(cfg: Config, run: RunDir) -> dict[str, dict[str, int]]:
@@ -107,48 +105,122 @@ def _parallel_slots(cfg: Config) -> int:
     return max(1, min(cfg.federation.num_clients, int(cpus // cfg.federation.client_num_cpus) or 1))
 
 
-def simulate(cfg: Config, out_dir: str | Path, client_app: Any = None) -> dict[str, Any]:
-    """Run the whole simulation into ``out_dir``; return ``metrics.json`` as a dict.
+def _shutdown_ray() -> None:
+    """Make sure no Ray processes outlive the simulation (also after a failure)."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - flwr[simulation] brings ray
+        return
+    if ray.is_initialized():
+        logger.warning("Ray was still running after the simulation; shutting it down")
+        ray.shutdown()
 
-    ``client_app`` replaces the fopro-kd ClientApp (tests inject failures this way).
+
+def simulate(
+    cfg: Config,
+    out_dir: str | Path,
+    client_app: Any = None,
+    *,
+    resume: bool = False,
+    server_app: Any = None,
+) -> dict[str, Any]:
+    """Run the whole simulation into ``out_dir`` (or continue it with ``resume``); return ``metrics.json``.
+
+    ``client_app`` / ``server_app`` replace the fopro-kd apps (tests inject failures this way;
+    no config key does).
+
+    Raises
+    ------
+    FederationAborted
+        Too many consecutive rounds without enough valid replies (state saved first).
+    ResumeError
+        Nothing to resume, another run's checkpoint, or a fresh run into a directory that
+        already holds checkpoints; raised before Ray starts.
     """
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
-    from server.server_app import check_federation_config, make_server_app
+    from server.checkpoints import check_fresh_run_dir
+    from server.server_app import check_federation_config, load_resume_checkpoint, make_server_app
 
     check_federation_config(cfg)
+    if resume:
+        done = load_resume_checkpoint(cfg, out_dir, f"the config of {out_dir}").round  # fail before Ray starts
+        logger.info("resuming %s after round %d of %d", out_dir, done, cfg.federation.num_rounds)
+    else:
+        check_fresh_run_dir(out_dir)
     run = RunDir(out_dir)
     run.save_config(cfg)
     write_site_histograms(cfg, run)
     _prepare_teacher(cfg)
-    client_app = client_app or make_client_app(cfg, state_root=run.path / "client_state")
-    server_app = make_server_app(cfg, run.path, parallel_slots=_parallel_slots(cfg))
+    client_app = client_app or make_client_app(cfg, state_root=run.resolve("client_state"))
+    server_app = server_app or make_server_app(cfg, run.path, parallel_slots=_parallel_slots(cfg), resume=resume)
     logger.info("simulating %d hospitals for %d rounds (%s) into %s", cfg.federation.num_clients,
                 cfg.federation.num_rounds, cfg.federation.strategy, run.path)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.federation.num_clients,
-        backend_config=_backend_config(cfg),  # type: ignore[arg-type]
-    )
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=_backend_config(cfg),  # type: ignore[arg-type]
+        )
+    finally:
+        _shutdown_ray()
     metrics_file = run.path / "metrics.json"
     if not metrics_file.is_file():
         raise RuntimeError(f"the simulation ended without writing {metrics_file}; see the log above")
     return json.loads(metrics_file.read_text())
 
 
-def run_simulation_from_config(cfg: Config, out_dir: str | None, resume_dir: Path | None = None) -> int:
-    """Entry point of ``fopro-kd simulate``; returns the process exit status."""
+def _resume_config(cfg: Config, resume_dir: Path) -> Config:
+    """The config of a resumed run: RUN_DIR/config.yaml when no config was given (``cfg`` is the defaults)."""
+    from fopro_kd.config import ConfigError, load_config
+    from server.checkpoints import ResumeError
+
+    if not resume_dir.is_dir():
+        raise ResumeError(f"--resume {resume_dir}: no such run directory")
+    saved = resume_dir / "config.yaml"
+    if cfg.to_dict() != Config().to_dict():
+        return cfg  # an explicit --config / --set: must match the checkpoint's config hash
+    if not saved.is_file():
+        raise ResumeError(f"--resume {resume_dir}: {saved.name} not found; is this a fopro-kd run directory?")
+    try:
+        return load_config(saved)
+    except ConfigError as exc:
+        raise ResumeError(f"--resume {resume_dir}: its {saved.name} is not a valid config ({exc})") from exc
+
+
+EXIT_ABORTED = 3
+"""Exit status of ``fopro-kd simulate`` when the federation stopped after too many failed rounds."""
+
+
+def run_simulation_from_config(
+    cfg: Config, out_dir: str | None, resume_dir: Path | None = None, *, client_app: Any = None
+) -> int:
+    """Entry point of ``fopro-kd simulate``; returns the process exit status.
+
+    0: finished; :data:`EXIT_ABORTED` (3): stopped after ``federation.max_failed_rounds``
+    consecutive failed rounds (state saved; continue with ``--resume``). Configuration and
+    resume errors raise (the CLI turns them into exit status 2). ``client_app`` is a test hook.
+    """
+    from server.rounds import FederationAborted
+
     if resume_dir is not None:
-        raise ResumeNotSupportedError(
-            f"--resume {resume_dir}: resuming a simulation is not implemented (Flower's simulation engine always "
-            "starts at round 1); start a new run with --out"
-        )
-    out = Path(out_dir) if out_dir else default_run_dir(cfg, "simulate")
-    metrics = simulate(cfg, out)
+        resume_dir = Path(resume_dir)
+        cfg = _resume_config(cfg, resume_dir)
+        out = resume_dir
+    else:
+        out = Path(out_dir) if out_dir else default_run_dir(cfg, "simulate")
+    try:
+        metrics = simulate(cfg, out, client_app=client_app, resume=resume_dir is not None)
+    except FederationAborted as exc:
+        print(f"fopro-kd: federation stopped: {exc}", file=sys.stderr)
+        sys.stderr.flush()
+        return EXIT_ABORTED
     bacc = metrics.get("balanced_accuracy")
     print(f"run directory: {out}")
+    if metrics.get("resumed_from_round") is not None:
+        print(f"resumed after round {metrics['resumed_from_round']}")
     print(f"best round (validation): {metrics.get('best_round')}")
     print(f"global test balanced accuracy: {'n/a' if bacc is None else f'{bacc:.4f}'}")
     for site, values in sorted(metrics.get("per_site", {}).items()):

@@ -1,4 +1,4 @@
-"""End to end on Flower's simulation engine (Ray): 3 hospitals, 2 rounds, report files; a crashing client."""
+"""End to end on Flower's simulation engine (Ray): 3 hospitals, 2 rounds, report files; a crashing client; resume refusal."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import yaml
 
 from fopro_kd.cli import main as cli_main
 from fopro_kd.config import Config, config_from_dict
-from simulations.simulate import ResumeNotSupportedError, run_simulation_from_config, simulate
+from server.checkpoints import ResumeError
+from simulations.simulate import run_simulation_from_config, simulate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -79,6 +80,7 @@ def test_cli_simulate_writes_the_run_directory(tmp_path: Path, capsys: pytest.Ca
     hist = json.loads((out / "site_histograms.json").read_text())
     assert hist["styles"] == {"site-0": "scanner_a", "site-1": "scanner_b", "site-2": "scanner_c"}
     assert (out / "config.yaml").is_file() and (out / "best.pt").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["server-round-0001.pt", "server-round-0002.pt"]
     for name in ("class_histograms.png", "per_class_recall_rounds.png", "site_balanced_accuracy.png",
                  "aggregation_weights.png"):
         assert (out / "plots" / name).is_file(), name
@@ -96,7 +98,9 @@ def test_crashing_client_leaves_the_federation_running(tmp_path: Path) -> None:
     assert metrics["best_round"] in (1, 2)
 
 
-def test_resume_is_refused_clearly(tmp_path: Path) -> None:
-    with pytest.raises(ResumeNotSupportedError, match="resum"):
-        run_simulation_from_config(tiny(), str(tmp_path), resume_dir=tmp_path)
-    assert isinstance(ResumeNotSupportedError("x"), NotImplementedError)
+def test_resume_without_checkpoint_is_refused_clearly(tmp_path: Path) -> None:
+    """Resume itself is covered by tests/test_resume.py and tests/test_faults.py; here: nothing to resume."""
+    with pytest.raises(ResumeError, match=r"no server checkpoint"):
+        run_simulation_from_config(tiny(), None, resume_dir=tmp_path)
+    with pytest.raises(ResumeError, match="no such run directory"):
+        run_simulation_from_config(tiny(), None, resume_dir=tmp_path / "missing")

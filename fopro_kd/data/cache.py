@@ -88,7 +88,7 @@ def _load_cache(array_path: Path, meta_path: Path, n: int, image_size: int) -> t
         return None
     try:
         unreadable = [int(i) for i in json.loads(meta_path.read_text())["unreadable"]]
-        mapped = np.load(array_path, mmap_mode="r")
+        mapped = np.load(array_path, mmap_mode="r", allow_pickle=False)
         if mapped.shape != (n, 3, image_size, image_size) or mapped.dtype != np.uint8:
             raise ValueError(f"unexpected shape {mapped.shape} / dtype {mapped.dtype}")
         images = torch.from_numpy(np.array(mapped))  # a private, writable copy
