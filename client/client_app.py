@@ -12,6 +12,17 @@ AKD) using :class:`~fopro_kd.training.trainer.LocalTrainer`, and replies with
   configured loss terms (``loss-cls``, ``loss-rep``, ...), plus what the strategy needs:
   ``robust-factor`` (FedMAS) and ``class-counts`` (when class counts are shared).
 
+With ``privacy.mode: local`` (docs/privacy.md §4) the reply carries only what the DP
+guarantee covers: the DP-SGD-trained student, ``num-examples`` = the total of the class
+counts released by the Gaussian mechanism (1 with ``privacy.statistics: withheld``: uniform
+weights), ``num-steps``, ``train-seconds``, ``site-id``, the noised ``class-counts`` /
+``robust-factor`` when the strategy needs them (``robust-factor`` 0.0 = withheld, the server
+falls back to FedAvg weights) and the ``dp-*`` accounting metrics; no losses, no
+``examples-seen``. A site whose next round would exceed ``privacy.target_epsilon`` declines
+with a *budget-decline reply* (:func:`decline_reply`) instead of training. In any DP mode the
+evaluate handler refuses (federated evaluation is disabled: per-class test counts are outside
+the guarantee).
+
 State that must survive between rounds (optimizer, prompt, probe, RNG, class counts) is
 kept in a private per-site directory (:mod:`client.state`) and never leaves the node.
 
@@ -51,10 +62,13 @@ from client.data import (  # noqa: E402
 )
 from client.state import STATE_KEY, ClientState, ClientStateStore, check_state_key, default_state_root  # noqa: E402
 from fopro_kd.config import Config  # noqa: E402
+from fopro_kd.privacy.accounting import PrivacyBudgetExhausted  # noqa: E402
+from fopro_kd.privacy.statistics import statistics_event, statistics_policy  # noqa: E402
 from fopro_kd.seeding import select_device  # noqa: E402
 from fopro_kd.training.components import build_models, shared_teacher, uses_teacher  # noqa: E402
 from fopro_kd.training.trainer import EpochResult, LocalTrainer, class_rep_prior  # noqa: E402
 from server.evaluation import build_global_student, class_correct_counts  # noqa: E402
+from server.rounds import DECLINE_RECORD_KEY, DP_BUDGET_MARKER, DP_DECLINE_KEY  # noqa: E402
 from server.strategies import get_strategy_class  # noqa: E402
 from server.strategies.class_balanced import CLASS_COUNTS_KEY  # noqa: E402
 from server.strategies.fedmas import FEDMAS_RULE_KEY, ROBUST_FACTOR_KEY, fedmas_robust_factor  # noqa: E402
@@ -62,7 +76,16 @@ from server.strategies.fedprox import PROXIMAL_MU_KEY  # noqa: E402
 
 logger = logging.getLogger("fopro_kd.federation")
 
-__all__ = ["SiteSkipped", "app", "handle_evaluate", "handle_train", "make_client_app", "shares_class_counts"]
+__all__ = [
+    "SiteSkipped",
+    "app",
+    "decline_reply",
+    "dp_statistics_events",
+    "handle_evaluate",
+    "handle_train",
+    "make_client_app",
+    "shares_class_counts",
+]
 
 CONTEXT_STATE_KEY = "fopro-kd-client"
 SERVER_ROUND_KEY = "server-round"
@@ -162,6 +185,33 @@ def _robust_factor(prior: np.ndarray, result: EpochResult, rule: str) -> float:
     return float(fedmas_robust_factor(prior, state, rule))
 
 
+def dp_statistics_events(cfg: Config) -> list[tuple[float, float, int]]:
+    """Statistics releases of one round besides DP-SGD: FedMAS' prior and state with ``statistics: noised``."""
+    k = 2 if cfg.federation.strategy == "fedmas" and statistics_policy(cfg) == "noised" else 0
+    return [statistics_event(cfg)] * k
+
+
+def _dp_train_metrics(
+    cfg: Config, spec: SiteSpec, trainer: LocalTrainer, result: EpochResult, train_seconds: float, rho: float | None
+) -> MetricRecord:
+    """``privacy.mode: local``: only values covered by the DP guarantee (or public), see the module docstring."""
+    dp = trainer.dp
+    counts = dp.shared_class_counts()  # released once by the Gaussian mechanism (accounted); None when withheld
+    num_examples = 1 if counts is None else max(1, int(round(float(np.sum(counts)))))
+    metrics: dict[str, Any] = {
+        "num-examples": num_examples,
+        "num-steps": int(result.num_steps),
+        "train-seconds": float(train_seconds),
+        "site-id": int(spec.site_id),
+    }
+    if cfg.federation.strategy == "fedmas":
+        metrics[ROBUST_FACTOR_KEY] = float(rho if rho is not None else 0.0)
+    if shares_class_counts(cfg) and counts is not None:
+        metrics[CLASS_COUNTS_KEY] = [max(0, int(round(c))) for c in counts]  # post-processing of the release
+    metrics.update(dp.metrics())  # after every release of the round: epsilon spent so far
+    return MetricRecord(metrics)
+
+
 def _train_metrics(
     cfg: Config, spec: SiteSpec, data: SiteData, result: EpochResult, train_seconds: float, rho: float | None
 ) -> MetricRecord:
@@ -180,6 +230,20 @@ def _train_metrics(
     if shares_class_counts(cfg):
         metrics[CLASS_COUNTS_KEY] = [int(c) for c in data.class_counts()]
     return MetricRecord(metrics)
+
+
+def decline_reply(msg: Message, spec: SiteSpec, context: Context, trainer: LocalTrainer, reason: str) -> Message:
+    """The reply of a site out of privacy budget: no model, its ε so far, and the reason (logged by the server).
+
+    Metrics ``site-id``, ``dp-budget-exhausted`` = 1 and ``trainer.dp.metrics()``; the reason in
+    ``ConfigRecord "decline"``. :class:`server.rounds.RoundGuard` takes such replies out of the
+    round before the strategy sees them (neither a failure nor a rejection).
+    """
+    text = f"{spec.node}: {DP_BUDGET_MARKER}: {reason}"
+    logger.warning("%s", text)
+    metrics = MetricRecord({"site-id": int(spec.site_id), DP_DECLINE_KEY: 1, **trainer.dp.metrics()})
+    content = RecordDict({"metrics": metrics, DECLINE_RECORD_KEY: ConfigRecord({"reason": text})})
+    return Message(content=content, reply_to=msg)
 
 
 def _remember_in_context(context: Context, state: ClientState, digest: str) -> None:
@@ -223,39 +287,74 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
     if state.trainer is not None:
         trainer.load_state_dict(state.trainer)
 
+    dp = trainer.dp  # privacy.mode local: DP-SGD state, restored with the trainer (epsilon composes over rounds)
     fedmas = cfg.federation.strategy == "fedmas"
-    prior = class_rep_prior(student, teacher, prompt, data.train, cfg, device) if fedmas else None
     mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
     epochs, max_steps = local_schedule(cfg, len(data.train))
+    if dp is not None:
+        reason = dp.check_budget(len(data.train), epochs, max_steps, extra_events=dp_statistics_events(cfg))
+        if reason is not None:  # nothing spent, nothing saved: the state stays that of the last trained round
+            return decline_reply(msg, spec, context, trainer, reason)
+    prior = None
+    if fedmas:
+        if dp is None:
+            prior = class_rep_prior(student, teacher, prompt, data.train, cfg, device)
+        elif statistics_policy(cfg) == "noised":  # FedMAS step 1, released by the Gaussian mechanism
+            prior, _ = dp.private_class_rep_prior(data.train, student)
     start = time.perf_counter()
-    result = trainer.train(
-        data.train, epochs=epochs, max_steps=max_steps, total_epochs=cfg.federation.num_rounds * epochs,
-        proximal_mu=mu, global_params=global_state if mu > 0 else None, track_class_rep=fedmas,
-    )
+    try:
+        result = trainer.train(
+            data.train, epochs=epochs, max_steps=max_steps, total_epochs=cfg.federation.num_rounds * epochs,
+            proximal_mu=mu, global_params=global_state if mu > 0 else None, track_class_rep=fedmas,
+        )
+    except PrivacyBudgetExhausted as exc:
+        # the pre-check makes this unreachable; if a release still does not fit, keep what was spent, then decline
+        if dp is None:
+            raise
+        state.trainer = trainer.state_dict()
+        state.last_round = server_round
+        _remember_in_context(context, state, store.save(state))
+        return decline_reply(msg, spec, context, trainer, str(exc))
     train_seconds = time.perf_counter() - start
     rho = None
-    if prior is not None:
+    if prior is not None and result.class_rep_sum is not None and result.class_seen is not None:
         rho = _robust_factor(prior, result, str(config.get(FEDMAS_RULE_KEY, cfg.federation.fedmas_rule)))
+    elif fedmas:
+        logger.info("%s round %d: FedMAS statistics withheld (privacy.statistics); robust factor not sent",
+                    spec.node, server_round)
 
-    state.trainer = trainer.state_dict()
+    metrics = (_train_metrics(cfg, spec, data, result, train_seconds, rho) if dp is None
+               else _dp_train_metrics(cfg, spec, trainer, result, train_seconds, rho))
+    state.trainer = trainer.state_dict()  # in DP mode: the accountant history of every release so far
     state.class_counts = data.class_counts()
     state.rounds_trained += 1
     state.last_round = server_round
     digest = store.save(state)
     _remember_in_context(context, state, digest)
-    logger.info("%s round %d: %d images, loss %.4f, %.1f s%s", spec.node, server_round, result.num_examples,
+    logger.info("%s round %d: %d images, loss %.4f, %.1f s%s%s", spec.node, server_round, result.num_examples,
                 result.losses.get("loss", float("nan")), train_seconds,
-                "" if rho is None else f", robust factor {rho:.4f}")
+                "" if rho is None else f", robust factor {rho:.4f}",
+                "" if dp is None else f", epsilon {metrics['dp-epsilon']:.4f} (delta {dp.delta:g})")
     content = RecordDict({
         "arrays": ArrayRecord(_cpu_state(student)),
-        "metrics": _train_metrics(cfg, spec, data, result, train_seconds, rho),
+        "metrics": metrics,
     })
     return Message(content=content, reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
-    """Score the global student on this site's local test split: per-class correct / total counts."""
+    """Score the global student on this site's local test split: per-class correct / total counts.
+
+    Refused in DP mode (``privacy.mode`` not ``off``): the counts are computed from private test
+    images without noise, so they are outside the guarantee; the server disables federated
+    evaluation then, and a site asked anyway (a misconfigured server) replies with an error.
+    """
     _configure_threads(cfg)
+    if cfg.privacy.mode != "off":
+        raise SiteSkipped(
+            f"privacy.mode is {cfg.privacy.mode!r}: this site does not send evaluation counts (per-class correct/total "
+            "on its local test split are outside the DP guarantee); federated evaluation is disabled in DP mode"
+        )
     spec, data = _site(context, cfg)
     device = select_device(cfg.device)
     student = build_global_student(cfg, data.train.num_classes)

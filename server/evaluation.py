@@ -3,7 +3,8 @@
 * :func:`build_global_student` builds the aggregated model's architecture without loading
   the teacher: the server (and a client's evaluate handler) only needs the teacher's
   *feature size* for the student's projector, never its weights, so a hospital server
-  needs no teacher file and the teacher is never part of the global model.
+  needs no teacher file and the teacher is never part of the global model. In DP mode
+  (``privacy.mode`` not ``off``) it is the GroupNorm student every client trains.
 * :func:`class_correct_counts` is what a site reports for federated evaluation: per-class
   correct / total counts (plain ints), from which the server derives per-site balanced
   accuracy without seeing any prediction.
@@ -46,9 +47,18 @@ def teacher_feature_dim(cfg: Config) -> int | None:
 
 
 def build_global_student(cfg: Config, num_classes: int, seed: int | None = None) -> EKDStudent:
-    """The federated student (heads included) as every site builds it; seeded for the initial model."""
+    """The federated student (heads included) as every site builds it; seeded for the initial model.
+
+    With ``privacy.mode`` ``local`` or ``central`` this is the DP (GroupNorm, out-of-place)
+    student of :func:`fopro_kd.privacy.build_dp_student`, the architecture every client's
+    :func:`~fopro_kd.training.components.build_models` trains in DP mode (docs/privacy.md).
+    """
     if seed is not None:
         torch.manual_seed(int(seed))
+    if cfg.privacy.mode != "off":
+        from fopro_kd.privacy.surgery import build_dp_student
+
+        return build_dp_student(cfg, num_classes, teacher_feature_dim(cfg))
     return build_student(cfg.student, num_classes, teacher_feature_dim(cfg))
 
 

@@ -9,6 +9,11 @@ replies, without changing what the strategy computes.
 
 Node ids are mapped to sites through the ``"site-id"`` metric every reply carries; an
 error reply from a node seen before keeps its site name, an unknown one is ``node-<id>``.
+
+Privacy (``privacy.mode: local``): the ``dp-epsilon`` each site reports (ε spent so far over
+the whole federation) is kept per round, and sites that declined a round for lack of budget
+(:meth:`RoundRecorder.on_budget_declines`) are recorded with their reason; both go to
+``history.csv`` (``epsilon/<site>``, ``clients_declined``) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ class RoundLog:
     """FedMAS robust factor ρ_k each node reported this round (strategy state kept in checkpoints)."""
     aggregated: bool | None = None
     """Whether the strategy produced a new global model this round (None: not aggregated yet)."""
+    dp_epsilon: dict[int, float] = field(default_factory=dict)
+    """ε spent so far that each node reported this round (``dp-epsilon``, privacy.mode local)."""
+    budget_declines: dict[int, str] = field(default_factory=dict)
+    """Nodes that declined this round because their privacy budget is spent, with the reason."""
 
     def to_payload(self) -> dict[str, Any]:
         """Plain containers only (for a ``weights_only`` checkpoint); ``started`` is not kept."""
@@ -70,6 +79,8 @@ class RoundLog:
             "missing": {int(k): str(v) for k, v in self.missing.items()},
             "robust_factors": {int(k): float(v) for k, v in self.robust_factors.items()},
             "aggregated": self.aggregated,
+            "dp_epsilon": {int(k): float(v) for k, v in self.dp_epsilon.items()},
+            "budget_declines": {int(k): str(v) for k, v in self.budget_declines.items()},
         }
 
     @classmethod
@@ -161,6 +172,32 @@ class RoundRecorder:
                 rho = record.get("robust-factor")
                 if isinstance(rho, (int, float)) and not isinstance(rho, bool):
                     entry.robust_factors[site] = float(rho)
+                self._record_epsilon(entry, site, record)
+
+    @staticmethod
+    def _record_epsilon(entry: RoundLog, site: int, record: MetricRecord) -> None:
+        epsilon = record.get("dp-epsilon")
+        if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and epsilon >= 0:
+            entry.dp_epsilon[site] = float(epsilon)
+
+    def on_budget_declines(self, server_round: int, declines: list[tuple[Message, str]]) -> None:
+        """Sites that declined the round for lack of privacy budget (``(reply, reason)``; no model)."""
+        entry = self.get(server_round)
+        for msg, reason in declines:
+            site = self._learn_site(msg)
+            entry.budget_declines[site] = reason
+            record = _metrics(msg)
+            if record is not None:
+                self._record_epsilon(entry, site, record)
+            log(WARNING, "Round %s: %s declined the round: %s", server_round, self.site_of(site), reason)
+
+    def epsilon_so_far(self, server_round: int) -> dict[str, float]:
+        """Latest ``dp-epsilon`` of every site reported in rounds <= ``server_round``, by site name."""
+        latest: dict[int, float] = {}
+        for r in sorted(self.rounds):
+            if r <= server_round:
+                latest.update(self.rounds[r].dp_epsilon)
+        return self.by_site(latest)
 
     def on_missing(self, server_round: int, node_ids: Iterable[int], reason: str) -> None:
         """Nodes that were sent a train instruction but did not reply before the round timeout."""

@@ -12,11 +12,20 @@ best-validation round, per-site results, weights and timings.
 Configuration: :func:`make_server_app` closes over a :class:`~fopro_kd.config.Config`
 (simulation, tests); the module-level ``app`` reads ``config-file``, ``overrides`` and
 ``out-dir`` from the run config (``flwr run``).
+
+Differential privacy (docs/privacy.md): with ``privacy.mode`` ``local`` or ``central`` the
+global model is the GroupNorm DP student, federated evaluation is switched off
+(``fraction_evaluate`` forced to 0, logged: per-site test counts are outside the guarantee),
+each site's reported ε goes to ``history.csv`` (``epsilon/<site>``) and its maximum to
+``metrics.json``; a run in which no site has budget left ends cleanly after that round
+(``stopped_early`` in ``metrics.json``). ``central``: the strategy clips and noises the
+aggregate (:mod:`server.strategies.central_dp`) and ``central-epsilon`` is recorded per round.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -61,15 +70,17 @@ from server.checkpoints import (  # noqa: E402
     tensors_from_arrays,
 )
 from server.history import RoundLog, RoundRecorder  # noqa: E402
-from server.rounds import FederationAborted, RoundGuard  # noqa: E402
+from server.rounds import FederationAborted, FederationFinished, RoundGuard  # noqa: E402
 from server.strategies import build_strategy, get_strategy_class  # noqa: E402
 from server.strategies.base import weighted_mean_metrics  # noqa: E402
+from server.strategies.central_dp import CentralDP  # noqa: E402
 
 logger = logging.getLogger("fopro_kd.federation")
 
 __all__ = [
     "RUN_CONFIG_RESUME_DIR_KEY",
     "FederationAborted",
+    "FederationFinished",
     "ServerEvaluator",
     "app",
     "check_federation_config",
@@ -101,6 +112,23 @@ def check_federation_config(cfg: Config) -> None:
         )
     if fed.local_steps is not None and fed.local_steps <= 0:
         raise ConfigError(f"'federation.local_steps' must be > 0 or null, got {fed.local_steps}")
+
+
+def strategy_federation_config(cfg: Config) -> Any:
+    """``cfg.federation`` as the strategy uses it: in DP mode with ``fraction_evaluate`` 0 (logged).
+
+    Federated evaluation sends each site's per-class correct / total counts on its private
+    local test split, un-noised: outside the DP guarantee (docs/privacy.md §4), so it is off.
+    """
+    fed = cfg.federation
+    if cfg.privacy.mode != "off" and fed.fraction_evaluate > 0:
+        logger.warning(
+            "privacy.mode %r: federated evaluation disabled (federation.fraction_evaluate %g -> 0): per-class counts on "
+            "each hospital's local test split are outside the DP guarantee; the global model is scored on the "
+            "server's validation and test splits only", cfg.privacy.mode, fed.fraction_evaluate,
+        )
+        return dataclasses.replace(fed, fraction_evaluate=0.0)
+    return fed
 
 
 # --------------------------------------------------------------------------- evaluation / selection
@@ -151,6 +179,8 @@ class ServerEvaluator:
         self.best = Selection()
         self.best_arrays: dict[str, torch.Tensor] | None = None
         """Copy of the best round's global weights (kept for the checkpoint once later rounds overwrite the student)."""
+        self.central_dp: CentralDP | None = None
+        """``privacy.mode: central``: the strategy's clipping/noise state, for the ``central-epsilon`` column."""
         self.timings: list[dict[str, float]] = []
         self._last_end = time.perf_counter()
 
@@ -221,6 +251,13 @@ class ServerEvaluator:
             row["clients_aggregated"] = len(entry.weights)
             row["clients_rejected"] = len(entry.rejections) + len(entry.missing)  # error and missing replies included
             row["clients_failed"] = len(self.recorder.failures(entry))  # error replies + no reply before the timeout
+            if self.cfg.privacy.mode == "local":
+                row["clients_declined"] = len(entry.budget_declines)  # out of privacy budget: no model sent
+        if self.cfg.privacy.mode == "local" and server_round > 0:
+            row.update({f"epsilon/{site}": eps for site, eps in self.recorder.epsilon_so_far(server_round).items()})
+        if self.central_dp is not None:
+            row["central-epsilon"] = self.central_dp.epsilon()
+            row["central-noise-std"] = self.central_dp.last_noise_std if server_round > 0 else 0.0
         row.update(self._timing(entry, eval_seconds, started))
         return row
 
@@ -289,7 +326,36 @@ def _final_metrics(cfg: Config, evaluator: ServerEvaluator, recorder: RoundRecor
                             for r, log in sorted(recorder.rounds.items()) for node, reason in sorted(log.missing.items())],
         "rounds_without_aggregation": [r for r, log in sorted(recorder.rounds.items()) if log.aggregated is False],
     })
+    if cfg.privacy.mode != "off":
+        metrics["privacy"] = _privacy_summary(cfg, evaluator, recorder)
+        metrics["dp_epsilon_max"] = metrics["privacy"].get("epsilon_max")
+        metrics["central_epsilon"] = metrics["privacy"].get("central_epsilon")
     return metrics
+
+
+def _privacy_summary(cfg: Config, evaluator: ServerEvaluator, recorder: RoundRecorder) -> dict[str, Any]:
+    """What ``metrics.json`` says about privacy: per-site and max ε (local), central ε, declined rounds."""
+    p = cfg.privacy
+    summary: dict[str, Any] = {"mode": p.mode, "delta": p.delta, "accountant": p.accountant,
+                               "federated_evaluation": False}
+    if p.mode == "local":
+        last = max(recorder.rounds) if recorder.rounds else 0
+        per_site = recorder.epsilon_so_far(last)
+        summary.update({
+            "target_epsilon": p.target_epsilon,
+            "epsilon_per_site": per_site,
+            "epsilon_max": max(per_site.values()) if per_site else None,
+            "statistics": p.statistics,
+            "prompt": p.prompt,
+            "budget_declines": {str(r): recorder.by_site(log.budget_declines)
+                                for r, log in sorted(recorder.rounds.items()) if log.budget_declines},
+        })
+    central = evaluator.central_dp
+    if central is not None:
+        summary.update({"central_epsilon": central.epsilon(), "central_rounds": central.rounds,
+                        "central_clip_norm": central.clip_norm, "central_noise_multiplier": central.noise_multiplier,
+                        "central_sample_rates": [q for _, q, _ in central.history]})
+    return summary
 
 
 def _write_plots(run: RunDir, metrics: dict[str, Any], evaluator: ServerEvaluator, recorder: RoundRecorder) -> None:
@@ -342,6 +408,8 @@ def _strategy_state(cfg: Config, strategy: Any, recorder: RoundRecorder, server_
     switch is derived from it); the robust factors are stored for the record and the report.
     """
     state: dict[str, Any] = {"name": cfg.federation.strategy, "round": int(server_round)}
+    if getattr(strategy, "central_dp", None) is not None:
+        state["central_dp"] = strategy.central_dp.state_dict()
     if cfg.federation.strategy == "fedmas":
         switch = int(getattr(strategy, "drw_switch", 0))
         entry = recorder.rounds.get(server_round)
@@ -423,9 +491,12 @@ def run_federation(
     splits = cached_splits(cfg)
     recorder = RoundRecorder()
     strategy = recorder.instrument(build_strategy(
-        fed, train_metrics_aggr_fn=aggregate_metrics, evaluate_metrics_aggr_fn=aggregate_metrics,
-        min_valid_replies=fed.min_valid_replies, max_update_norm=fed.max_update_norm))
+        strategy_federation_config(cfg), train_metrics_aggr_fn=aggregate_metrics,
+        evaluate_metrics_aggr_fn=aggregate_metrics, min_valid_replies=fed.min_valid_replies,
+        max_update_norm=fed.max_update_norm))
     evaluator = ServerEvaluator(cfg, splits, run, recorder, parallel_slots)
+    if cfg.privacy.mode == "central":  # clip each update, noise the weighted aggregate (docs/privacy.md §3)
+        strategy.central_dp = evaluator.central_dp = CentralDP.from_config(cfg)
     done = 0
     wall_before = 0.0
     state_key = f"run-{uuid.uuid4().hex[:16]}"
@@ -443,8 +514,11 @@ def run_federation(
         best = payload["best"]
         best_tensors = best.get("arrays") if best.get("arrays") is not None else payload["arrays"]
         evaluator.restore(best, arrays_from_tensors(best_tensors), payload.get("timings", []))
+        if evaluator.central_dp is not None:
+            evaluator.central_dp.load_state_dict(payload.get("strategy", {}).get("central_dp"))
         logger.info("resuming %s from %s: round %d of %d done", run.path, resumed.path.name, done, fed.num_rounds)
-    guard = RoundGuard(recorder, round_offset=done, timeout_s=fed.round_timeout_s)
+    guard = RoundGuard(recorder, round_offset=done, timeout_s=fed.round_timeout_s,
+                       min_valid_replies=fed.min_valid_replies)
     guard.instrument(strategy)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
@@ -487,6 +561,8 @@ def run_federation(
                 f"and continue with `fopro-kd simulate --resume {run.path}`",
                 server_round=server_round, failed_rounds=list(guard.failed_rounds), run_dir=str(run.path),
             )
+        if guard.budget_stop is not None and server_round < fed.num_rounds:
+            raise FederationFinished(guard.budget_stop, server_round=server_round)
         return result
 
     remaining = fed.num_rounds - done
@@ -510,8 +586,14 @@ def run_federation(
                                         "failed_rounds": exc.failed_rounds, "partial_metrics": metrics})
         logger.error("federation aborted: %s", exc)
         raise
+    except FederationFinished as exc:  # e.g. every hospital has spent its privacy budget: a clean end
+        stopped = {"round": exc.server_round, "reason": str(exc)}
+        logger.warning("federation ended after round %d of %d: %s", exc.server_round, fed.num_rounds, exc)
+    else:
+        stopped = None
     metrics = _final_metrics(cfg, evaluator, recorder, wall_before + time.perf_counter() - wall_start)
     metrics["resumed_from_round"] = done if resumed is not None else None
+    metrics["stopped_early"] = stopped
     run.write_json("metrics.json", metrics)
     _write_plots(run, metrics, evaluator, recorder)
     logger.info("federation finished: best round %d, test bACC %s", metrics["best_round"],

@@ -20,6 +20,11 @@ normalisation buffers"; §9 item 8 forbids averaging integer buffers):
   the same weights as the parameters: θ = Σ_k α_k θ_k;
 * integer (and boolean) arrays, e.g. BatchNorm ``num_batches_tracked``, are **not**
   averaged: the element-wise maximum over the valid clients is kept, in the original dtype.
+
+Central DP hook (``privacy.mode: central``): when :attr:`ValidatedWeightedAvg.central_dp` is
+set (:class:`server.strategies.central_dp.CentralDP`), step 5 clips each valid client's
+update against the global arrays sent this round, averages the clipped updates with the same
+weights and adds noise calibrated to the largest weight (docs/privacy.md §3).
 """
 
 from __future__ import annotations
@@ -133,6 +138,8 @@ class ValidatedWeightedAvg(FedAvg):
         self.last_weights: dict[int, float] = {}
         self.last_rejections: list[dict[str, Any]] = []
         self._reference: ArrayRecord | None = None
+        self.central_dp: Any = None
+        """``CentralDP`` (server/strategies/central_dp.py) in ``privacy.mode: central``: clip + noise in step 5."""
 
     # ------------------------------------------------------------------ config glue
 
@@ -159,7 +166,10 @@ class ValidatedWeightedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Remember the global arrays sent this round, then configure as FedAvg."""
         self.set_reference(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.central_dp is not None:  # client sampling rate q of this round, for the central accountant
+            self.central_dp.set_sample_rate(len(messages), len(list(grid.get_node_ids())))
+        return messages
 
     # ------------------------------------------------------------------ weights hook
 
@@ -262,8 +272,15 @@ class ValidatedWeightedAvg(FedAvg):
         alpha = alpha / alpha.sum()
         self.last_weights = {_node_id(msg): float(a) for (msg, _, _), a in zip(valid, alpha)}
 
-        # 5. dtype-preserving average
-        aggregated = self._average([values for _, values, _ in valid], alpha)
+        # 5. dtype-preserving average (central DP: of the clipped updates, plus calibrated noise)
+        if self.central_dp is not None:
+            if self._reference is None:
+                raise RuntimeError("central DP needs the global arrays sent this round (configure_train was not called)")
+            noisy = self.central_dp.aggregate(server_round, reference_np, [values for _, values, _ in valid], alpha,
+                                              [_node_id(msg) for msg, _, _ in valid])
+            aggregated = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in noisy.items()})
+        else:
+            aggregated = self._average([values for _, values, _ in valid], alpha)
         log(
             INFO,
             "Round %s: aggregated %d replies (%d rejected); weights %s",

@@ -1,0 +1,342 @@
+"""Differential privacy wired into the federation (docs/privacy.md §4): client replies, budget, central DP.
+
+Everything runs in this process (no Ray): the ClientApp on hand-built Messages, whole federations
+on the in-process ``LocalGrid`` of tests/test_server_app.py, and the central-DP aggregation on
+hand-made replies. Tiny: timm ``test_resnet``, 32 px, ~30 images per site, 2 local steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+import fopro_kd.privacy.local_dp as local_dp
+from client.client_app import make_client_app
+from client.state import ClientStateStore
+from fopro_kd.config import Config, config_from_dict
+from fopro_kd.privacy import central_epsilon
+from fopro_kd.privacy.statistics import REP_LOSS_BOUND, class_means_from_release
+from fopro_kd.privacy.surgery import has_batchnorm
+from fopro_kd.training.components import build_models
+from server.evaluation import build_global_student
+from server.server_app import run_federation
+from server.strategies.base import ValidatedWeightedAvg
+from server.strategies.central_dp import CentralDP
+from server.strategies.fedmas import FedMASStrategy, fedmas_robust_factor
+
+NUM_SITES = 3
+DP_KEYS = {"dp-epsilon", "dp-delta", "dp-target-epsilon", "dp-noise-multiplier", "dp-sample-rate", "dp-steps"}
+
+
+def tiny_values(**sections: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "seed": 0,
+        "device": "cpu",
+        "data": {"kind": "synthetic", "image_size": 32, "num_classes": 4, "max_per_class": 40, "imbalance_factor": 4},
+        "split": {"val_per_class": 4, "test_per_class": 4},
+        "student": {"arch": "test_resnet"},
+        "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
+        "train": {"method": "fopro-kd", "batch_size": 8, "eval_batch_size": 64},
+        "federation": {"num_clients": NUM_SITES, "num_rounds": 2, "local_steps": 2, "min_available_clients": 2},
+        "privacy": {"mode": "local", "target_epsilon": 8.0},
+    }
+    for name, extra in sections.items():
+        values[name] = {**values.get(name, {}), **extra}
+    return values
+
+
+def tiny_config(**sections: dict[str, Any]) -> Config:
+    return config_from_dict(tiny_values(**sections))
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 13, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def global_arrays(cfg: Config) -> ArrayRecord:
+    student = build_global_student(cfg, cfg.data.num_classes, seed=cfg.seed)
+    return ArrayRecord({k: v.detach().cpu() for k, v in student.state_dict().items()})
+
+
+def sim_context(partition: int) -> Context:
+    return Context(run_id=13, node_id=100 + partition, node_config={"partition-id": partition, "num-partitions": NUM_SITES},
+                   state=RecordDict(), run_config={})
+
+
+def train_message(arrays: ArrayRecord, server_round: int, node_id: int) -> Message:
+    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}),
+                   dst_node_id=node_id, message_type="train")
+
+
+def read_history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "history.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+class LocalGrid(Grid):
+    """Runs node k's ClientApp ``apps[k]`` in this process, sequentially (sites may differ in budget).
+
+    As in tests/test_server_app.py: exceptions become error replies, as Flower's runtime does.
+    """
+
+    def __init__(self, apps: dict[int, Callable[[Message, Context], Message]]) -> None:
+        self.apps = apps
+        self.contexts = {
+            1000 + k: Context(run_id=13, node_id=1000 + k, node_config={"partition-id": k, "num-partitions": len(apps)},
+                              state=RecordDict(), run_config={})
+            for k in apps
+        }
+
+    def set_run(self, run: Any) -> None:  # pragma: no cover - not used
+        pass
+
+    @property
+    def run(self) -> Any:  # pragma: no cover - not used
+        return None
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            context = self.contexts[msg.metadata.dst_node_id]
+            try:
+                replies.append(self.apps[context.node_config["partition-id"]](msg, context))
+            except Exception as exc:  # noqa: BLE001 - what Flower's runtime does
+                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        return replies
+
+
+def local_grid(apps: dict[int, Any]) -> LocalGrid:
+    return LocalGrid(apps)
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_server_and_clients_build_the_same_groupnorm_student(mode: str) -> None:
+    cfg = tiny_config(privacy={"mode": mode})
+    server = build_global_student(cfg, 4, seed=0)
+    client, _ = build_models(cfg, 4, None if cfg.train.method == "ce" else _teacher(cfg))
+    assert not has_batchnorm(server) and not has_batchnorm(client)
+    assert {k: v.shape for k, v in server.state_dict().items()} == {k: v.shape for k, v in client.state_dict().items()}
+    assert all(v.is_floating_point() for v in server.state_dict().values()), "the DP student has no integer buffers"
+
+
+def _teacher(cfg: Config):
+    from fopro_kd.training.components import shared_teacher
+
+    torch.manual_seed(cfg.seed)
+    return shared_teacher(cfg)
+
+
+# --------------------------------------------------------------------------- client replies (local DP)
+
+
+def test_local_dp_reply_sends_noised_fedmas_factor_and_no_raw_numbers(tmp_path: Path, monkeypatch) -> None:
+    """Robust factor = the one of the *released* (noised) statistics, never the raw one; no losses leave."""
+    releases: list[tuple[np.ndarray, np.ndarray]] = []
+    original = local_dp.privatize_statistics
+
+    def recording(values, clip, sigma, generator):
+        noisy = original(values, clip, sigma, generator)
+        releases.append((np.asarray(values, dtype=np.float64).copy(), noisy.copy()))
+        return noisy
+
+    monkeypatch.setattr(local_dp, "privatize_statistics", recording)
+    # small statistics noise (and a budget large enough for it) so the noised factor is finite and != raw
+    cfg = tiny_config(federation={"strategy": "fedmas", "fedmas_rule": "mas"},
+                      privacy={"target_epsilon": None, "noise_multiplier": 1.0, "statistics_noise_multiplier": 0.3})
+    app = make_client_app(cfg, state_root=tmp_path)
+    arrays = global_arrays(cfg)
+    ctx = sim_context(0)
+    reply = app(train_message(arrays, 1, ctx.node_id), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) == {"num-examples", "num-steps", "train-seconds", "site-id", "robust-factor"} | DP_KEYS
+    assert metrics["dp-epsilon"] > 0 and metrics["dp-steps"] == 2
+
+    stats = [(raw, noisy) for raw, noisy in releases if raw.size == 2 * cfg.data.num_classes]
+    counts = [(raw, noisy) for raw, noisy in releases if raw.size == cfg.data.num_classes]
+    assert len(stats) == 2 and len(counts) == 1, "FedMAS prior + state, class counts once"
+
+    def factor(prior_release: np.ndarray, state_release: np.ndarray) -> float:
+        prior, _ = class_means_from_release(prior_release, 4, REP_LOSS_BOUND)
+        state, _ = class_means_from_release(state_release, 4, REP_LOSS_BOUND)
+        return fedmas_robust_factor(prior, state, "mas")
+
+    noised = factor(stats[0][1], stats[1][1])
+    raw = factor(stats[0][0], stats[1][0])
+    assert metrics["robust-factor"] == pytest.approx(noised, rel=1e-9)
+    assert metrics["robust-factor"] != pytest.approx(raw, rel=1e-6)
+    assert metrics["num-examples"] == max(1, int(round(counts[0][1].sum()))), "weight = total of the released counts"
+
+    # the DP state (accountant history) persists: round 2 composes on round 1
+    state = ClientStateStore(tmp_path, "run-13", 0).load()
+    assert len(state.trainer["privacy"]["history"]) >= 2 and state.trainer["privacy"]["class_counts"] is not None
+    reply2 = app(train_message(reply.content["arrays"], 2, ctx.node_id), ctx)
+    assert reply2.content["metrics"]["dp-epsilon"] > metrics["dp-epsilon"]
+    assert reply2.content["metrics"]["dp-steps"] == 4
+
+    evaluate = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                       dst_node_id=ctx.node_id, message_type="evaluate")
+    with pytest.raises(Exception, match="federated evaluation is disabled"):
+        app(evaluate, ctx)
+
+
+def test_withheld_statistics_send_sentinel_factor_and_uniform_weight(tmp_path: Path) -> None:
+    cfg = tiny_config(federation={"strategy": "fedmas"}, privacy={"statistics": "withheld"})
+    app = make_client_app(cfg, state_root=tmp_path)
+    ctx = sim_context(1)
+    metrics = app(train_message(global_arrays(cfg), 1, ctx.node_id), ctx).content["metrics"]
+    assert metrics["robust-factor"] == 0.0 and metrics["num-examples"] == 1
+    assert "class-counts" not in metrics and "train-loss" not in metrics
+    strategy = FedMASStrategy(rule="mas", num_rounds=2)
+    weights = strategy.client_weights(1, [MetricRecord({"num-examples": 1, "robust-factor": 0.0})] * 2)
+    assert strategy.last_weight_mode == "fedavg-fallback" and list(weights) == [1.0, 1.0]
+
+
+# --------------------------------------------------------------------------- federation (local DP)
+
+
+def test_local_dp_federation_reports_epsilon_and_ends_when_budgets_are_spent(tmp_path: Path) -> None:
+    """Sites 0/1 plan 2 rounds, site 2 one: round 2 goes on without site 2, round 3 nobody has budget -> clean end."""
+    values = tiny_values(federation={"num_rounds": 4}, privacy={"planned_rounds": 2})
+    cfg = config_from_dict(values)
+    short = config_from_dict(tiny_values(federation={"num_rounds": 4}, privacy={"planned_rounds": 1}))
+    state = tmp_path / "state"
+    apps = {0: make_client_app(cfg, state_root=state), 1: make_client_app(cfg, state_root=state),
+            2: make_client_app(short, state_root=state)}
+    out = tmp_path / "run"
+    metrics = run_federation(local_grid(apps), cfg, out)
+
+    assert metrics["stopped_early"]["round"] == 3 and "dp budget exhausted" in metrics["stopped_early"]["reason"]
+    assert json.loads((out / "metrics.json").read_text())["stopped_early"]["round"] == 3
+    assert not (out / "aborted.json").exists()
+    assert metrics["failed_replies"] == {} and metrics["rejected_replies"] == []
+    assert metrics["per_site"] == {}, "federated evaluation is off in DP mode"
+    rows = read_history(out)
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+    eps = {site: [float(rows[r][f"epsilon/{site}"]) for r in (1, 2, 3)] for site in ("site-0", "site-1", "site-2")}
+    for site in ("site-0", "site-1"):
+        assert 0 < eps[site][0] < eps[site][1] == eps[site][2] <= 8.0
+    assert eps["site-2"][0] == eps["site-2"][1] == eps["site-2"][2] <= 8.0
+    assert [int(rows[r]["clients_declined"]) for r in (1, 2, 3)] == [0, 1, 3]
+    assert rows[2]["weight/site-2"] == "" and float(rows[2]["weight/site-0"]) > 0
+    assert not any(key.startswith("site_bacc/") for key in rows[1])
+    privacy = metrics["privacy"]
+    assert metrics["dp_epsilon_max"] == pytest.approx(max(eps[s][-1] for s in eps))
+    assert privacy["epsilon_per_site"]["site-0"] == pytest.approx(eps["site-0"][-1])
+    assert set(privacy["budget_declines"]) == {"2", "3"} and "site-2" in privacy["budget_declines"]["2"]
+    assert metrics["rounds_without_aggregation"] == [3]
+
+
+# --------------------------------------------------------------------------- central DP
+
+
+def _reply(sent: Message, values: dict[str, np.ndarray], weight: int = 10) -> Message:
+    record = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in values.items()})
+    return Message(RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": weight})}), reply_to=sent)
+
+
+def _round(strategy: ValidatedWeightedAvg, reference: dict[str, np.ndarray], replies: list[dict[str, np.ndarray]],
+           weights: list[int]) -> dict[str, np.ndarray]:
+    ref = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in reference.items()})
+    strategy.set_reference(ref)
+    sent = [Message(RecordDict({"arrays": ref}), dst_node_id=20 + i, message_type="train") for i in range(len(replies))]
+    arrays, _ = strategy.aggregate_train(1, [_reply(s, v, w) for s, v, w in zip(sent, replies, weights)])
+    assert arrays is not None
+    return {k: arrays[k].numpy() for k in arrays.keys()}
+
+
+def test_central_dp_clips_each_update_and_leaves_integer_buffers_alone() -> None:
+    strategy = ValidatedWeightedAvg()
+    strategy.central_dp = CentralDP(clip_norm=1.0, noise_multiplier=1e-12, delta=1e-5, noise_seed=0)
+    rng = np.random.default_rng(0)
+    ref = {"w": rng.normal(size=(20,)).astype(np.float32), "b": np.zeros(3, np.float32),
+           "steps": np.array(5, dtype=np.int64)}
+    huge = {"w": ref["w"] + 1e4, "b": ref["b"] + 1e4, "steps": np.array(9, dtype=np.int64)}
+    small = {"w": ref["w"].copy(), "b": ref["b"] + np.float32(0.1), "steps": np.array(10**6, dtype=np.int64)}
+    same = {k: v.copy() for k, v in ref.items()}
+    out = _round(strategy, ref, [huge, small, same], [50, 30, 20])
+    alpha = np.array([0.5, 0.3, 0.2])
+    delta = {k: out[k].astype(np.float64) - ref[k].astype(np.float64) for k in ("w", "b")}
+    norms = list(strategy.central_dp.last_norms.values())
+    assert norms[0] > 1e4 and norms[1] == pytest.approx(0.1 * math.sqrt(3), rel=1e-5) and norms[2] == 0.0
+    # huge update -> exactly C = 1 in the aggregate (times its weight); the small one passes unclipped;
+    # the integer buffer's change (10^6) neither entered the norm nor was scaled
+    direction = np.concatenate([np.full(20, 1e4), np.full(3, 1e4)])
+    expected = alpha[0] * direction / np.linalg.norm(direction) + alpha[1] * np.concatenate([np.zeros(20), np.full(3, 0.1)])
+    got = np.concatenate([delta["w"], delta["b"]])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert np.linalg.norm(got) <= 1.0 + 1e-6
+    assert out["steps"].dtype == np.int64 and int(out["steps"]) == 10**6, "integer buffers: base rule, no noise"
+    assert strategy.central_dp.last_clipped == 1
+
+
+class _Weighted(ValidatedWeightedAvg):
+    """Non-uniform FedMAS-like weights 0.7 / 0.2 / 0.1."""
+
+    def client_weights(self, server_round, metrics):
+        return np.array([0.7, 0.2, 0.1])
+
+
+def test_central_dp_noise_std_uses_the_largest_weight() -> None:
+    strategy = _Weighted()
+    sigma, clip = 2.0, 0.5
+    strategy.central_dp = CentralDP(clip_norm=clip, noise_multiplier=sigma, delta=1e-5, noise_seed=1)
+    ref = {"w": np.zeros(200_000, np.float32)}
+    out = _round(strategy, ref, [{"w": ref["w"].copy()} for _ in range(3)], [1, 1, 1])
+    expected_std = sigma * 0.7 * clip  # not sigma * clip / 3
+    assert strategy.central_dp.last_noise_std == pytest.approx(expected_std)
+    assert float(np.std(out["w"])) == pytest.approx(expected_std, rel=0.02)
+    assert strategy.central_dp.epsilon() == pytest.approx(central_epsilon(sigma, 1.0, 1, 1e-5))
+
+
+def test_central_dp_federation_records_central_epsilon(tmp_path: Path) -> None:
+    cfg = tiny_config(train={"method": "bsm"}, privacy={"mode": "central", "target_epsilon": None,
+                                                       "central_noise_multiplier": 1.5, "central_clip_norm": 0.5})
+    out = tmp_path / "run"
+    metrics = run_federation(local_grid({k: make_client_app(cfg, state_root=tmp_path / "s") for k in range(3)}), cfg, out)
+    rows = read_history(out)
+    eps = [float(r["central-epsilon"]) for r in rows]
+    assert eps[0] == 0.0 and 0 < eps[1] < eps[2]
+    assert eps[2] == pytest.approx(central_epsilon(1.5, 1.0, 2, 1e-5))
+    assert metrics["central_epsilon"] == pytest.approx(eps[2]) and metrics["privacy"]["central_rounds"] == 2
+    assert float(rows[2]["central-noise-std"]) == pytest.approx(1.5 * 0.5 * max(float(rows[2][f"weight/site-{k}"])
+                                                                                for k in range(3)))
+    assert metrics["per_site"] == {} and not any(k.startswith("site_bacc/") for k in rows[1])
