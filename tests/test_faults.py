@@ -39,9 +39,9 @@ from server.strategies.base import ValidatedWeightedAvg
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROUND_TIMEOUT_S = 30.0
+ROUND_TIMEOUT_S = 90.0  # generous: round 1 includes Ray actor start-up (about 20 s on a loaded 2-core box)
 """Round 1 includes Ray actor start-up and imports (10-21 s measured on 2 busy cores): keep a margin."""
-SLOW_DELAY_S = ROUND_TIMEOUT_S + 4.0
+SLOW_DELAY_S = ROUND_TIMEOUT_S + 10.0
 
 
 def _register_by_value() -> None:

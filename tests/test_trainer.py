@@ -149,13 +149,21 @@ def test_class_rep_tracking_counts_every_example(data, teacher) -> None:
 
 
 def test_feature_cache_matches_recomputed_targets(data, teacher) -> None:
+    """Cached features equal the teacher's features on the clean image; training then uses them."""
+    from fopro_kd.data.transforms import to_float
+    from fopro_kd.training.teacher_view import teacher_targets
+
     cfg = tiny_cfg(train={"method": "ekd", "cache_teacher_features": True}, augment={"teacher_sees_augmented": False})
     cached = make_trainer(cfg, data, teacher)
+    result = cached.train(data, epochs=1)
+    assert cached.feature_cache is not None and result.num_examples == len(data)
+    idx = torch.tensor([5, 0, 17])
+    expected = teacher_targets(teacher, to_float(data.images[idx]), None, "raw")
+    assert torch.allclose(cached.feature_cache.lookup(idx), expected, atol=1e-4)
     plain = make_trainer(tiny_cfg(train={"method": "ekd"}, augment={"teacher_sees_augmented": False}), data, teacher)
-    cached.train(data, epochs=1)
-    plain.train(data, epochs=1)
-    for key, value in plain.student.state_dict().items():
-        assert torch.allclose(value.float(), cached.student.state_dict()[key].float(), atol=1e-5), key
+    plain_result = plain.train(data, epochs=1)
+    # same batches, same targets up to float summation order: the losses agree closely
+    assert abs(result.losses["loss"] - plain_result.losses["loss"]) < 1e-3
 
 
 def test_feature_cache_refused_when_invalid(data, teacher) -> None:
