@@ -2,8 +2,11 @@
 
 What persists (per site): the :class:`~fopro_kd.training.trainer.LocalTrainer` state
 (optimizer moments, the Fourier prompt and its probe, the prompt optimizer, the RNG,
-epochs done), the local class counts and a round counter. The student weights are *not*
-stored: they arrive from the server every round.
+epochs done; with ``privacy.mode: local`` also ``trainer.state_dict()["privacy"]``, the DP
+accountant history and the released class counts, so ε composes over the whole federation),
+the local class counts and a round counter. The student weights are *not* stored: they
+arrive from the server every round. A round declined for lack of privacy budget saves
+nothing (nothing was spent).
 
 Why a directory and not only ``context.state``: in simulation a node's Ray actor may be
 reused or not, and in deployment every message runs in a fresh ``flwr-clientapp``
