@@ -9,52 +9,29 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client import client_app as client_module
 from client.client_app import SiteSkipped, loss_metric_keys, make_client_app, shares_class_counts
 from client.data import SiteData, SiteDataError, config_from_run_config, site_spec_from_node_config
 from client.state import ClientStateStore
-from fopro_kd.config import Config, ConfigError, apply_overrides, config_from_dict
+from fopro_kd.config import Config, ConfigError, apply_overrides
 from fopro_kd.data.synthetic import make_synthetic_imageset
 from server.evaluation import build_global_student
 
-NUM_SITES = 3
+from federation_helpers import NUM_SITES, fake_task_identity, preserved_torch_threads  # noqa: E402
+from federation_helpers import tiny_config as shared_tiny_config  # noqa: E402
 
 
 def tiny_config(**sections: dict[str, Any]) -> Config:
-    """4 classes, 32 px, ~30 training images per site, tiny timm student and random teacher."""
-    values: dict[str, Any] = {
-        "seed": 0,
-        "device": "cpu",
-        "data": {"kind": "synthetic", "image_size": 32, "num_classes": 4, "max_per_class": 40, "imbalance_factor": 4},
-        "split": {"val_per_class": 4, "test_per_class": 4},
-        "student": {"arch": "test_resnet"},
-        "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
-        "akd": {"mode": "discriminative"},
-        "train": {"method": "fopro-kd", "batch_size": 8, "eval_batch_size": 64},
-        "federation": {"num_clients": NUM_SITES, "num_rounds": 2, "local_steps": 2, "min_available_clients": 2},
-    }
-    for name, extra in sections.items():
-        values[name] = {**values.get(name, {}), **extra}
-    return config_from_dict(values)
+    """The shared tiny federation, with the discriminative prompt mode made explicit."""
+    akd = {"mode": "discriminative", **sections.pop("akd", {})}
+    return shared_tiny_config(akd=akd, **sections)
 
 
 @pytest.fixture(autouse=True)
-def restore_torch_threads():
-    """Client handlers set ``client_num_threads``; give the rest of the session its own setting back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages can only be built inside a run; fake one (libraries.md §1.2)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+def _run_identity():
+    with fake_task_identity(run_id=7, node_id=1), preserved_torch_threads():
+        yield
 
 
 def global_arrays(cfg: Config) -> ArrayRecord:

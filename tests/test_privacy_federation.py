@@ -10,16 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 import fopro_kd.privacy.local_dp as local_dp
 from client.client_app import make_client_app
@@ -35,25 +32,15 @@ from server.strategies.base import ValidatedWeightedAvg
 from server.strategies.central_dp import CentralDP
 from server.strategies.fedmas import FedMASStrategy, fedmas_robust_factor
 
-NUM_SITES = 3
+from federation_helpers import NUM_SITES, LocalGrid, fake_task_identity, preserved_torch_threads  # noqa: E402
+from federation_helpers import tiny_values as shared_tiny_values  # noqa: E402
 DP_KEYS = {"dp-epsilon", "dp-delta", "dp-target-epsilon", "dp-noise-multiplier", "dp-sample-rate", "dp-steps"}
 
 
 def tiny_values(**sections: dict[str, Any]) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "seed": 0,
-        "device": "cpu",
-        "data": {"kind": "synthetic", "image_size": 32, "num_classes": 4, "max_per_class": 40, "imbalance_factor": 4},
-        "split": {"val_per_class": 4, "test_per_class": 4},
-        "student": {"arch": "test_resnet"},
-        "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
-        "train": {"method": "fopro-kd", "batch_size": 8, "eval_batch_size": 64},
-        "federation": {"num_clients": NUM_SITES, "num_rounds": 2, "local_steps": 2, "min_available_clients": 2},
-        "privacy": {"mode": "local", "target_epsilon": 8.0},
-    }
-    for name, extra in sections.items():
-        values[name] = {**values.get(name, {}), **extra}
-    return values
+    """The shared tiny federation with local DP (epsilon 8) switched on."""
+    privacy = {"mode": "local", "target_epsilon": 8.0, **sections.pop("privacy", {})}
+    return shared_tiny_values(privacy=privacy, **sections)
 
 
 def tiny_config(**sections: dict[str, Any]) -> Config:
@@ -61,18 +48,9 @@ def tiny_config(**sections: dict[str, Any]) -> Config:
 
 
 @pytest.fixture(autouse=True)
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 13, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+def _run_identity():
+    with fake_task_identity(run_id=13), preserved_torch_threads():
+        yield
 
 
 def global_arrays(cfg: Config) -> ArrayRecord:
@@ -95,53 +73,8 @@ def read_history(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-class LocalGrid(Grid):
-    """Runs node k's ClientApp ``apps[k]`` in this process, sequentially (sites may differ in budget).
-
-    As in tests/test_server_app.py: exceptions become error replies, as Flower's runtime does.
-    """
-
-    def __init__(self, apps: dict[int, Callable[[Message, Context], Message]]) -> None:
-        self.apps = apps
-        self.contexts = {
-            1000 + k: Context(run_id=13, node_id=1000 + k, node_config={"partition-id": k, "num-partitions": len(apps)},
-                              state=RecordDict(), run_config={})
-            for k in apps
-        }
-
-    def set_run(self, run: Any) -> None:  # pragma: no cover - not used
-        pass
-
-    @property
-    def run(self) -> Any:  # pragma: no cover - not used
-        return None
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            context = self.contexts[msg.metadata.dst_node_id]
-            try:
-                replies.append(self.apps[context.node_config["partition-id"]](msg, context))
-            except Exception as exc:  # noqa: BLE001 - what Flower's runtime does
-                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-        return replies
-
-
 def local_grid(apps: dict[int, Any]) -> LocalGrid:
-    return LocalGrid(apps)
+    return LocalGrid(apps, run_id=13)
 
 
 # --------------------------------------------------------------------------- architecture

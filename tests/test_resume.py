@@ -16,9 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, Message
 
 from client.client_app import make_client_app
 from fopro_kd.checkpoint import load_checkpoint
@@ -27,7 +25,8 @@ from server.checkpoints import ResumeError, ServerCheckpointStore, config_hash
 from server.server_app import run_federation
 from fopro_kd.run_dir import RunDir
 
-NUM_SITES = 3
+from federation_helpers import LocalGrid, fake_task_identity, preserved_torch_threads  # noqa: E402
+from federation_helpers import tiny_values as shared_tiny_values  # noqa: E402
 
 TIMING_KEYS = {
     "wall_seconds", "round_seconds", "mean_round_seconds", "outside_training_share", "mean_outside_training_share",
@@ -38,17 +37,9 @@ TIMING_COLUMNS = {"round_seconds", "server_eval_seconds", "client_train_seconds_
 
 
 def tiny_values(**federation: Any) -> dict[str, Any]:
-    return {
-        "seed": 0,
-        "device": "cpu",
-        "data": {"kind": "synthetic", "image_size": 32, "num_classes": 4, "max_per_class": 40, "imbalance_factor": 4},
-        "split": {"val_per_class": 4, "test_per_class": 4},
-        "student": {"arch": "test_resnet"},
-        "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
-        "train": {"method": "fopro-kd", "batch_size": 8, "eval_batch_size": 64},
-        "federation": {"num_clients": NUM_SITES, "num_rounds": 3, "local_steps": 2, "min_available_clients": 2,
-                       "strategy": "fedmas", "fedmas_rule": "mas_DRW", "drw_fraction": 0.67, **federation},
-    }
+    """The shared tiny federation, 3 rounds of FedMAS with DRW switching on at round 3."""
+    return shared_tiny_values(federation={"num_rounds": 3, "strategy": "fedmas", "fedmas_rule": "mas_DRW",
+                                          "drw_fraction": 0.67, **federation})
 
 
 def tiny_config(**federation: Any) -> Config:
@@ -56,26 +47,17 @@ def tiny_config(**federation: Any) -> Config:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 11, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+def _run_identity():
+    with fake_task_identity(run_id=11), preserved_torch_threads():
+        yield
 
 
 class SimulatedKill(Exception):
     """Stands for SIGKILL of the server process at a chosen point of a round."""
 
 
-class LocalGrid(Grid):
-    """Runs a ClientApp in this process for each node; optionally 'kills' the server in train round ``kill_round``.
+class KillableGrid(LocalGrid):
+    """The local grid that can 'kill' the server in train round ``kill_round``.
 
     ``kill_when``: ``"before"`` (round ``kill_round``'s instructions never reach the clients) or
     ``"after"`` (the clients trained and saved their state, the server dies before aggregating).
@@ -84,35 +66,9 @@ class LocalGrid(Grid):
 
     def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int, run_id: int = 9,
                  kill_round: int | None = None, kill_when: str = "after") -> None:
-        self.client_app = client_app
+        super().__init__(client_app, num_nodes, run_id=run_id)
         self.kill_round, self.kill_when = kill_round, kill_when
         self.train_calls = 0
-        self.contexts = {
-            1000 + k: Context(run_id=run_id, node_id=1000 + k,
-                              node_config={"partition-id": k, "num-partitions": num_nodes},
-                              state=RecordDict(), run_config={})
-            for k in range(num_nodes)
-        }
-
-    def set_run(self, run: Any) -> None:  # pragma: no cover - not used
-        pass
-
-    @property
-    def run(self) -> Any:  # pragma: no cover - not used
-        return None
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover - not used
-        raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -122,12 +78,7 @@ class LocalGrid(Grid):
         kill = is_train and self.train_calls == self.kill_round
         if kill and self.kill_when == "before":
             raise SimulatedKill(f"killed before round {self.kill_round}")
-        replies = []
-        for msg in messages:
-            try:
-                replies.append(self.client_app(msg, self.contexts[msg.metadata.dst_node_id]))
-            except Exception as exc:  # noqa: BLE001 - what Flower's runtime does
-                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        replies = super().send_and_receive(messages, timeout=timeout)
         if kill:
             raise SimulatedKill(f"killed in round {self.kill_round} after the clients replied")
         return replies
@@ -161,7 +112,7 @@ def assert_same_arrays(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 def federate(cfg: Config, out: Path, state: Path, *, resume: bool = False, run_id: int = 9,
              kill_round: int | None = None, kill_when: str = "after") -> dict[str, Any] | None:
-    grid = LocalGrid(make_client_app(cfg, state_root=state), cfg.federation.num_clients, run_id=run_id,
+    grid = KillableGrid(make_client_app(cfg, state_root=state), cfg.federation.num_clients, run_id=run_id,
                      kill_round=kill_round, kill_when=kill_when)
     try:
         return run_federation(grid, cfg, out, resume=resume)

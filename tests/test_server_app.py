@@ -4,100 +4,29 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import make_client_app
 from client.data import cached_splits
 from fopro_kd.checkpoint import load_checkpoint
-from fopro_kd.config import Config, ConfigError, MetricsConfig, config_from_dict
+from fopro_kd.config import Config, ConfigError, MetricsConfig
 from fopro_kd.run_dir import RunDir
 from server.evaluation import build_global_student, site_metrics_from_counts
 from server.history import RoundRecorder
 from server.server_app import ServerEvaluator, check_federation_config, run_federation
 
-NUM_SITES = 3
-
-
-def tiny_config(**sections: dict[str, Any]) -> Config:
-    values: dict[str, Any] = {
-        "seed": 0,
-        "device": "cpu",
-        "data": {"kind": "synthetic", "image_size": 32, "num_classes": 4, "max_per_class": 40, "imbalance_factor": 4},
-        "split": {"val_per_class": 4, "test_per_class": 4},
-        "student": {"arch": "test_resnet"},
-        "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
-        "train": {"method": "fopro-kd", "batch_size": 8, "eval_batch_size": 64},
-        "federation": {"num_clients": NUM_SITES, "num_rounds": 2, "local_steps": 2, "min_available_clients": 2},
-    }
-    for name, extra in sections.items():
-        values[name] = {**values.get(name, {}), **extra}
-    return config_from_dict(values)
+from federation_helpers import LocalGrid, fake_task_identity, preserved_torch_threads, tiny_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def restore_torch_threads():
-    """Client handlers set ``client_num_threads``; give the rest of the session its own setting back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 9, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
-class LocalGrid(Grid):
-    """Runs a ClientApp in this process for each node, sequentially; exceptions become error replies."""
-
-    def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int) -> None:
-        self.client_app = client_app
-        self.contexts = {
-            1000 + k: Context(run_id=9, node_id=1000 + k, node_config={"partition-id": k, "num-partitions": num_nodes},
-                              state=RecordDict(), run_config={})
-            for k in range(num_nodes)
-        }
-
-    def set_run(self, run: Any) -> None:  # pragma: no cover - not used
-        pass
-
-    @property
-    def run(self) -> Any:  # pragma: no cover - not used
-        return None
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            try:
-                replies.append(self.client_app(msg, self.contexts[msg.metadata.dst_node_id]))
-            except Exception as exc:  # noqa: BLE001 - what Flower's runtime does
-                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-        return replies
+def _run_identity():
+    with fake_task_identity(run_id=9), preserved_torch_threads():
+        yield
 
 
 def crashing(app: Callable[[Message, Context], Message], site: int, rounds: set[int]) -> Callable:

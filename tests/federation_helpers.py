@@ -1,0 +1,119 @@
+"""Shared pieces of the in-process federation tests: a tiny config, a fake run identity, a local grid.
+
+Kept in one place so the server, client, resume and privacy tests exercise the same tiny
+federation instead of drifting copies of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fopro_kd.config import Config, config_from_dict
+
+NUM_SITES = 3
+
+ClientAppFn = Callable[[Message, Context], Message]
+
+
+def tiny_values(**sections: dict[str, Any]) -> dict[str, Any]:
+    """4 classes, 32 px, ~30 training images per site, tiny timm student and random teacher.
+
+    Each keyword names a config section whose keys update the defaults.
+    """
+    values: dict[str, Any] = {
+        "seed": 0,
+        "device": "cpu",
+        "data": {"kind": "synthetic", "image_size": 32, "num_classes": 4, "max_per_class": 40, "imbalance_factor": 4},
+        "split": {"val_per_class": 4, "test_per_class": 4},
+        "student": {"arch": "test_resnet"},
+        "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
+        "train": {"method": "fopro-kd", "batch_size": 8, "eval_batch_size": 64},
+        "federation": {"num_clients": NUM_SITES, "num_rounds": 2, "local_steps": 2, "min_available_clients": 2},
+    }
+    for name, extra in sections.items():
+        values[name] = {**values.get(name, {}), **extra}
+    return values
+
+
+def tiny_config(**sections: dict[str, Any]) -> Config:
+    return config_from_dict(tiny_values(**sections))
+
+
+@contextmanager
+def fake_task_identity(run_id: int, node_id: int = 0) -> Iterator[None]:
+    """Messages can only be built inside a run (libraries.md §1.2): fake one, then restore."""
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, node_id
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@contextmanager
+def preserved_torch_threads() -> Iterator[None]:
+    """Client handlers set ``client_num_threads``; give the rest of the session its own setting back."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class LocalGrid(Grid):
+    """Runs each node's ClientApp in this process, sequentially; exceptions become error replies.
+
+    ``apps`` is one ClientApp for every node or a mapping partition-id -> ClientApp (sites
+    that differ, e.g. in privacy budget). Node ids are ``1000 + partition-id``.
+    """
+
+    def __init__(self, apps: ClientAppFn | dict[int, ClientAppFn], num_nodes: int | None = None,
+                 run_id: int = 9) -> None:
+        if not isinstance(apps, dict):
+            if num_nodes is None:
+                raise ValueError("num_nodes is required with a single ClientApp")
+            apps = {k: apps for k in range(num_nodes)}
+        self.apps = apps
+        self.contexts = {
+            1000 + k: Context(run_id=run_id, node_id=1000 + k,
+                              node_config={"partition-id": k, "num-partitions": len(apps)},
+                              state=RecordDict(), run_config={})
+            for k in apps
+        }
+
+    def set_run(self, run: Any) -> None:  # pragma: no cover - not used
+        pass
+
+    @property
+    def run(self) -> Any:  # pragma: no cover - not used
+        return None
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            context = self.contexts[msg.metadata.dst_node_id]
+            try:
+                replies.append(self.apps[context.node_config["partition-id"]](msg, context))
+            except Exception as exc:  # noqa: BLE001 - what Flower's runtime does
+                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        return replies
