@@ -68,14 +68,14 @@ def teacher_section(arch: str, size: int) -> dict[str, Any]:
 
 
 def step_config(size: int, batch: int, method: str, akd: str, teacher_arch: str = "mobilenetv2_100",
-                augment: bool = False, cache: bool = False) -> Config:
+                augment: bool = False, cache: bool = False, prompt_every: int = 1) -> Config:
     return config_from_dict({
         "seed": 0,
         "data": {"kind": "synthetic", "image_size": size, "num_classes": len(HAM_COUNTS)},
         "student": {"arch": "resnet18", "init": "random"},
         "teacher": teacher_section(teacher_arch, size),
         "augment": {"enabled": augment, "teacher_sees_augmented": False},
-        "akd": {"mode": akd},
+        "akd": {"mode": akd, "prompt_every": prompt_every},
         "train": {"method": method, "loss": "bsm", "batch_size": batch, "cache_teacher_features": cache},
     })
 
@@ -233,6 +233,36 @@ def bench_feature_cache(size: int, batch: int, steps: int, warmup: int, repeats:
     }
 
 
+def bench_prompt_schedule(size: int, batch: int, every: int, warmup: int, repeats: int, device: torch.device,
+                          teachers: dict) -> dict[str, Any]:
+    """FoPro-KD step time with the prompt trained on every ``every``-th batch, against EKD and the default.
+
+    Each timed call runs ``every`` batches, so every call holds exactly one prompt update
+    (``LocalTrainer.train`` trains the prompt on batches 0, k, 2k, ... of a call).
+    """
+    data = random_imageset(every * batch, size)
+    trainers = {}
+    for name, method, akd, k in (("ekd", "ekd", "off", 1), ("every", "fopro-kd", "discriminative", 1),
+                                 ("scheduled", "fopro-kd", "discriminative", every)):
+        cfg = step_config(size, batch, method, akd, prompt_every=k)
+        teacher = _teacher_for(cfg, teachers)
+        torch.manual_seed(0)
+        student, prompt = build_models(cfg, len(HAM_COUNTS), teacher)
+        trainers[name] = LocalTrainer(cfg, student, teacher, prompt, np.asarray(HAM_COUNTS), device)
+    timed = measure_interleaved(
+        {name: (lambda tr=tr: tr.train(data, epochs=1, max_steps=every)) for name, tr in trainers.items()},
+        warmup, repeats, device,
+    )
+    return {
+        "size": size, "batch": batch, "prompt_every": every,
+        "scheduled_vs_ekd": paired_ratio(timed, "scheduled", "ekd"),
+        "scheduled_vs_ekd_cpu": paired_ratio(timed, "scheduled", "ekd", cpu=True),
+        "every_batch_vs_ekd": paired_ratio(timed, "every", "ekd"),
+        "every_batch_vs_ekd_cpu": paired_ratio(timed, "every", "ekd", cpu=True),
+        "samples_s": {name: t["samples_s"] for name, t in timed.items()},
+    }
+
+
 def profile_step(size: int, batch: int, device: torch.device, teachers: dict, method: str = "fopro-kd",
                  akd: str = "discriminative", steps: int = 3, top: int = 15) -> list[dict[str, Any]]:
     """torch.profiler over ``steps`` framework steps: the top operators by self CPU time."""
@@ -310,15 +340,18 @@ def run(opts: dict[str, Any]) -> dict[str, Any]:
     if quick:
         plan = [(32, 4, 1, 2)]  # (size, batch, steps per measurement, repeats)
         cache_plan = [("resnet50", 32, 4, 1), ("mobilenetv2_100", 32, 4, 1)]
+        schedule_plan = (32, 4, 2)  # (size, batch, prompt_every)
         warmup, cache_repeats = 1, 2
     elif device.type == "cuda":
         plan = [(64, 128, 5, 7), (224, 64, 3, 5)]
         cache_plan = [("resnet50", 224, 64, 3), ("mobilenetv2_100", 224, 64, 3)]
+        schedule_plan = (224, 64, 4)
         warmup, cache_repeats = (3 if opts.get("compile") else 2), 5
     else:
         # 224 px: batch 16 and 3 repeats, to keep `all` < 10 min on 2 cores
         plan = [(64, 32, 2, 5), (224, 16, 1, 3)]
         cache_plan = [("resnet50", 224, 16, 1), ("mobilenetv2_100", 224, 16, 1)]
+        schedule_plan = (224, 16, 4)
         warmup, cache_repeats = 1, 3
     if opts.get("warmup"):
         warmup = opts["warmup"]
@@ -335,6 +368,7 @@ def run(opts: dict[str, Any]) -> dict[str, Any]:
         ratios += size_ratios
     cache_rows = [bench_feature_cache(size, batch, steps, warmup, cache_repeats, device, arch, teachers)
                   for arch, size, batch, steps in cache_plan]
+    schedule = bench_prompt_schedule(*schedule_plan, warmup, cache_repeats, device, teachers)
     result: dict[str, Any] = {
         "what": ("images/s of one local training step (augmentation off), framework LocalTrainer.train vs the bare "
                  "PyTorch reference (simulations/reference_step.py), same models, weights and batches; medians of "
@@ -343,7 +377,7 @@ def run(opts: dict[str, Any]) -> dict[str, Any]:
         "teacher": "mobilenetv2_100 (" + ("real ../shared weights" if MOBILENET_FILE.is_file() else "random") + ")",
         "student": "resnet18 (random init)",
         "warmup": warmup, "repeats": [p[3] for p in plan], "cache_repeats": cache_repeats, "compile": bool(opts.get("compile")),
-        "steps": rows, "ratios": ratios, "feature_cache": cache_rows,
+        "steps": rows, "ratios": ratios, "feature_cache": cache_rows, "prompt_schedule": schedule,
     }
     if opts.get("profile"):
         size = plan[-1][0]
@@ -376,6 +410,10 @@ def run(opts: dict[str, Any]) -> dict[str, Any]:
                note=basis_note(worst["framework_vs_reference"], worst["framework_vs_reference_cpu"])),
         target(f"FPG cost on top of EKD step @ {big} px (fopro-kd/ekd - 1)", fpg["framework" + sfx] - 1.0, 0.15, "<=",
                note=basis_note(fpg["framework"] - 1.0, fpg["framework_cpu"] - 1.0)),
+        target(f"FPG cost with akd.prompt_every={schedule['prompt_every']} @ {schedule['size']} px "
+               "(fopro-kd/ekd - 1)", schedule["scheduled_vs_ekd" + sfx] - 1.0, 0.15, "<=",
+               note=basis_note(schedule["scheduled_vs_ekd"] - 1.0, schedule["scheduled_vs_ekd_cpu"] - 1.0)
+               + f"; prompt on every batch in the same loop: {schedule['every_batch_vs_ekd' + sfx] - 1.0:+.3f}"),
         target(f"feature cache speedup, ResNet-50 teacher @ {r50['size']} px" if r50 else "feature cache, ResNet-50",
                r50["speedup" + sfx] if r50 else None, 1.6, ">=", "x",
                note=basis_note(r50["speedup"], r50["speedup_cpu"]) if r50 else ""),
@@ -398,6 +436,11 @@ def render(result: dict[str, Any]) -> str:
               format_table(result["feature_cache"], ["teacher", "size", "batch", "recomputed_steps_s",
                                                      "cached_steps_s", "speedup", "speedup_cpu",
                                                      "cache_build_s"])]
+    if "prompt_schedule" in result:
+        parts += ["", "prompt schedule (step-time ratio to EKD):",
+                  format_table([result["prompt_schedule"]], ["size", "batch", "prompt_every", "scheduled_vs_ekd",
+                                                            "scheduled_vs_ekd_cpu", "every_batch_vs_ekd",
+                                                            "every_batch_vs_ekd_cpu"])]
     if "profile" in result:
         parts += ["", f"profile of the framework step ({result['profile']['method']} @ {result['profile']['size']} px):",
                   format_table(result["profile"]["top_ops"]),

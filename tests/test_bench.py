@@ -58,6 +58,9 @@ def test_step_suite_quick(tmp_path: Path) -> None:
     assert {c["teacher"] for c in result["feature_cache"]} == {"resnet50", "mobilenetv2_100"}
     for c in result["feature_cache"]:
         assert {"recomputed_steps_s", "cached_steps_s", "speedup", "cache_build_s"} <= set(c)
+    schedule = result["prompt_schedule"]
+    assert schedule["prompt_every"] == 2 and schedule["scheduled_vs_ekd"] > 0 and schedule["every_batch_vs_ekd"] > 0
+    assert any(t["name"].startswith("FPG cost with akd.prompt_every=2") for t in result["targets"])
     names = " ".join(t["name"] for t in result["targets"])
     assert "bare reference" in names and "FPG cost" in names and "feature cache" in names
 

@@ -96,6 +96,25 @@ def test_prompt_stays_identity_when_akd_off_and_during_warmup(data, teacher) -> 
     assert not torch.allclose(trainer.prompt.multiplier(), torch.ones_like(m))
 
 
+@pytest.mark.parametrize("every, expected_prompt_steps", [(1, 6), (3, 2), (4, 2)])
+def test_prompt_every_trains_the_prompt_on_every_kth_batch(every, expected_prompt_steps, data, teacher) -> None:
+    cfg = tiny_cfg(train={"method": "fopro-kd"}, akd={"mode": "discriminative", "prompt_every": every})
+    trainer = make_trainer(cfg, data, teacher)
+    prompt_steps, student_steps = [], []
+    original_prompt_step, original_student_step = trainer.prompt_optimizer.step, trainer.optimizer.step
+    trainer.prompt_optimizer.step = lambda *a, **k: (prompt_steps.append(1), original_prompt_step(*a, **k))[1]
+    trainer.optimizer.step = lambda *a, **k: (student_steps.append(1), original_student_step(*a, **k))[1]
+    result = trainer.train(data, epochs=5, max_steps=6)
+    assert result.num_steps == 6 and len(student_steps) == 6
+    assert len(prompt_steps) == expected_prompt_steps
+    assert not torch.allclose(trainer.prompt.multiplier(), torch.ones_like(trainer.prompt.multiplier()))
+
+
+def test_prompt_every_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="prompt_every"):
+        tiny_cfg(akd={"prompt_every": 0})
+
+
 def test_same_seed_same_weights(data, teacher) -> None:
     cfg = tiny_cfg(train={"method": "fopro-kd"})
     a = make_trainer(cfg, data, teacher)

@@ -202,16 +202,17 @@ class LocalTrainer:
             self.classification.set_epoch(self.epochs_done, total_epochs)
             prompt_active = self.akd_mode != "off" and self.epochs_done >= self.cfg.akd.warmup_epochs
             for images, labels, indices in loader:
+                train_prompt = prompt_active and result.num_steps % self.cfg.akd.prompt_every == 0
                 if self.dp is not None:  # no BatchNorm in DP mode; an empty Poisson batch still makes a (noise) step
                     if labels.shape[0] == 0:
-                        terms = self.dp.empty_step(prompt_active, anchor, proximal_mu)
+                        terms = self.dp.empty_step(train_prompt, anchor, proximal_mu)
                     else:
-                        terms = self._step(images, labels, indices, prompt_active, anchor, proximal_mu, result)
-                    self.dp.account_batch(prompt_active)
+                        terms = self._step(images, labels, indices, train_prompt, anchor, proximal_mu, result)
+                    self.dp.account_batch(train_prompt)
                 elif labels.shape[0] < 2:
                     continue  # BatchNorm cannot train on one image; a lone remainder image waits for the next epoch
                 else:
-                    terms = self._step(images, labels, indices, prompt_active, anchor, proximal_mu, result)
+                    terms = self._step(images, labels, indices, train_prompt, anchor, proximal_mu, result)
                 n = int(labels.shape[0])
                 result.num_examples += n
                 result.num_steps += 1
@@ -241,14 +242,14 @@ class LocalTrainer:
             student_in = student_in.contiguous(memory_format=torch.channels_last)
         return student_in, teacher_in
 
-    def _step(self, images, labels, indices, prompt_active, anchor, proximal_mu, result) -> dict[str, float]:
+    def _step(self, images, labels, indices, train_prompt, anchor, proximal_mu, result) -> dict[str, float]:
         self.student.train()
         y = labels.to(self.device)
         student_in, teacher_in = self._views(images)
         terms: dict[str, float] = {}
         targets = None
         if self.teacher is not None:
-            if prompt_active:
+            if train_prompt:
                 prompt_steps = self.dp.prompt_steps if self.dp is not None else self._prompt_steps
                 targets, prompt_terms = prompt_steps(student_in, teacher_in, y)
                 terms.update(prompt_terms)
@@ -258,7 +259,7 @@ class LocalTrainer:
                 with autocast_context(self.device):
                     targets = teacher_targets(self.teacher, teacher_in, self.prompt, self.cfg.prompt.domain)
             targets = targets.float()
-        for _ in range(self.cfg.akd.k_s if prompt_active else 1):
+        for _ in range(self.cfg.akd.k_s if train_prompt else 1):
             # DP: fp32 student pass, so per-sample norms (clipping = the sensitivity bound) are exact
             with autocast_context(self.device) if self.dp is None else contextlib.nullcontext():
                 if self.ekd is not None:
