@@ -97,6 +97,10 @@ def train_single_site(
     run.write_json("data_summary.json", {"name": splits.name, "counts": splits.summary(), "info": splits.info})
     train_counts = splits.train.class_counts()
     teacher = shared_teacher(cfg)
+    # Re-seed after the teacher: building it may draw from the global RNG (timm's random init
+    # before a checkpoint loads, or the demo teacher's pretraining on a cache miss), and the
+    # student's initial weights must not depend on how the teacher was obtained.
+    seed_everything(cfg.seed)
     student, prompt = build_models(cfg, splits.train.num_classes, teacher)
     trainer = LocalTrainer(cfg, student, teacher, prompt, train_counts, device)
     best: dict[str, Any] = {"score": -1.0, "epoch": -1, "state": None, "prompt": None}

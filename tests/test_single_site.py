@@ -1,0 +1,45 @@
+"""Single-site training (``fopro-kd train``): reproducibility of the whole run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fopro_kd.training.single_site as single_site
+from fopro_kd.checkpoint import load_checkpoint
+from fopro_kd.config import config_from_dict
+
+
+def tiny_config():
+    return config_from_dict({
+        "seed": 3,
+        "data": {"kind": "synthetic", "image_size": 32, "num_classes": 3, "max_per_class": 16},
+        "split": {"val_per_class": 3, "test_per_class": 3},
+        "student": {"arch": "test_resnet"},
+        "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
+        "train": {"method": "fopro-kd", "epochs": 1, "batch_size": 8},
+    })
+
+
+def best_student(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "best.pt")["state_dict"]
+
+
+def test_same_run_whether_or_not_obtaining_the_teacher_draws_random_numbers(tmp_path: Path, monkeypatch) -> None:
+    """A demo teacher pretrained on a cache miss (or timm's random init) must not change the student."""
+    cfg = tiny_config()
+    plain = single_site.train_single_site(cfg, tmp_path / "plain", progress=False)
+    real_shared_teacher = single_site.shared_teacher
+
+    def teacher_after_drawing_random_numbers(config):
+        torch.rand(1000)  # what pretraining the demo teacher on a cache miss does to the global RNG
+        return real_shared_teacher(config)
+
+    monkeypatch.setattr(single_site, "shared_teacher", teacher_after_drawing_random_numbers)
+    drawn = single_site.train_single_site(cfg, tmp_path / "drawn", progress=False)
+    assert drawn["balanced_accuracy"] == pytest.approx(plain["balanced_accuracy"], abs=0)
+    a, b = best_student(tmp_path / "plain"), best_student(tmp_path / "drawn")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
