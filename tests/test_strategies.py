@@ -134,6 +134,30 @@ def test_fedavg_weights_are_sample_fractions_with_exact_average():
     assert strategy.last_rejections == []
 
 
+def test_average_streams_one_decoded_reply_at_a_time():
+    """The server folds each reply into the accumulator and releases it: peak = one reply, not N."""
+    alive = {"now": 0, "peak": 0}
+
+    class Tracked(dict):
+        def __del__(self):
+            alive["now"] -= 1
+
+    def replies(n):
+        for k in range(n):
+            alive["now"] += 1
+            alive["peak"] = max(alive["peak"], alive["now"])
+            yield Tracked(w=np.full((2, 2), float(k), dtype=np.float32), steps=np.asarray(k, dtype=np.int64))
+
+    alpha = np.full(6, 1 / 6)
+    merged = FedAvgStrategy._average(replies(6), alpha)
+    np.testing.assert_allclose(merged["w"].numpy(), np.full((2, 2), 2.5), rtol=1e-6)
+    assert merged["w"].numpy().dtype == np.float32
+    assert merged["steps"].numpy().shape == () and int(merged["steps"].numpy()) == 5
+    assert alive["peak"] == 1 and alive["now"] == 0
+    with pytest.raises(ValueError, match="6 weights for 2 replies"):
+        FedAvgStrategy._average(replies(2), alpha)
+
+
 def test_integer_buffer_keeps_dtype_and_takes_max_float32_stays_float32():
     strategy = prepared(FedAvgStrategy())
     replies = [reply(11, client_arrays(1.0, 3), {"num-examples": 1}), reply(12, client_arrays(2.0, 7), {"num-examples": 1})]

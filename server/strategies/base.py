@@ -30,7 +30,7 @@ weights and adds noise calibrated to the largest weight (docs/privacy.md §3).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any, ClassVar
 
@@ -225,10 +225,12 @@ class ValidatedWeightedAvg(FedAvg):
             else:
                 ok.append(msg)
 
-        # 2. validation against the global arrays sent this round
+        # 2. validation against the global arrays sent this round. Only the verdict is kept:
+        #    each reply's NumPy copy is dropped before the next one is converted, so the
+        #    server never holds more than one decoded reply (plus the accumulator) at a time.
         reference_np = to_numpy_dict(self._reference) if self._reference is not None else None
         norm_bound = self.max_update_norm
-        valid: list[tuple[Message, dict[str, np.ndarray], MetricRecord]] = []
+        valid: list[tuple[Message, MetricRecord]] = []
         for msg in ok:
             node = _node_id(msg)
             arrays, metric_record, reason = self._records(msg.content)
@@ -248,10 +250,11 @@ class ValidatedWeightedAvg(FedAvg):
             reason = validate_arrays(values, reference_np, max_update_norm=norm_bound) or validate_metrics(
                 metric_record
             )
+            del values
             if reason is not None:
                 self._reject(server_round, node, reason)
                 continue
-            valid.append((msg, values, metric_record))
+            valid.append((msg, metric_record))
 
         # 3./4. guarded weights
         weights = self._guarded_weights(server_round, valid)
@@ -270,17 +273,19 @@ class ValidatedWeightedAvg(FedAvg):
             return None, None
         alpha = weights[~np.isnan(weights)]
         alpha = alpha / alpha.sum()
-        self.last_weights = {_node_id(msg): float(a) for (msg, _, _), a in zip(valid, alpha)}
+        self.last_weights = {_node_id(msg): float(a) for (msg, _), a in zip(valid, alpha)}
 
-        # 5. dtype-preserving average (central DP: of the clipped updates, plus calibrated noise)
+        # 5. dtype-preserving average (central DP: of the clipped updates, plus calibrated noise),
+        #    decoding the validated replies a second time, one at a time
+        decoded = (to_numpy_dict(self._records(msg.content)[0]) for msg, _ in valid)
         if self.central_dp is not None:
             if self._reference is None:
                 raise RuntimeError("central DP needs the global arrays sent this round (configure_train was not called)")
-            noisy = self.central_dp.aggregate(server_round, reference_np, [values for _, values, _ in valid], alpha,
-                                              [_node_id(msg) for msg, _, _ in valid])
+            noisy = self.central_dp.aggregate(server_round, reference_np, list(decoded), alpha,
+                                              [_node_id(msg) for msg, _ in valid])
             aggregated = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in noisy.items()})
         else:
-            aggregated = self._average([values for _, values, _ in valid], alpha)
+            aggregated = self._average(decoded, alpha)
         log(
             INFO,
             "Round %s: aggregated %d replies (%d rejected); weights %s",
@@ -289,16 +294,14 @@ class ValidatedWeightedAvg(FedAvg):
             len(self.last_rejections),
             {n: round(a, 4) for n, a in self.last_weights.items()},
         )
-        return aggregated, self._train_metrics([msg for msg, _, _ in valid], [m for _, _, m in valid])
+        return aggregated, self._train_metrics([msg for msg, _ in valid], [m for _, m in valid])
 
-    def _guarded_weights(
-        self, server_round: int, valid: list[tuple[Message, dict[str, np.ndarray], MetricRecord]]
-    ) -> np.ndarray:
+    def _guarded_weights(self, server_round: int, valid: list[tuple[Message, MetricRecord]]) -> np.ndarray:
         """Hook weights with bad entries replaced by NaN (= dropped) and all-zero -> uniform."""
         if not valid:
             return np.zeros(0)
-        metrics = [m for _, _, m in valid]
-        node_ids = [_node_id(msg) for msg, _, _ in valid]
+        metrics = [m for _, m in valid]
+        node_ids = [_node_id(msg) for msg, _ in valid]
         raw = np.asarray(self.client_weights(server_round, metrics), dtype=np.float64).reshape(-1)
         if raw.shape != (len(metrics),):
             raise ValueError(
@@ -316,20 +319,37 @@ class ValidatedWeightedAvg(FedAvg):
         return weights
 
     @staticmethod
-    def _average(arrays_np: list[dict[str, np.ndarray]], alpha: np.ndarray) -> ArrayRecord:
-        """Per key: floating -> Σ α_k θ_k in float64, cast back; integer/bool -> element-wise max."""
-        out: dict[str, Array] = {}
-        for key, first in arrays_np[0].items():
-            dtype = first.dtype
-            if np.issubdtype(dtype, np.inexact):
-                acc = np.zeros(first.shape, dtype=np.result_type(dtype, np.float64))
-                for a, values in zip(alpha, arrays_np):
-                    acc += a * values[key]
-                merged = acc.astype(dtype)
-            else:
-                merged = np.maximum.reduce([values[key] for values in arrays_np]).astype(dtype)
-            out[key] = Array(np.array(merged, dtype=dtype, order="C"))  # keeps 0-d shapes
-        return ArrayRecord(out)
+    def _average(arrays_np: Iterable[Mapping[str, np.ndarray]], alpha: np.ndarray) -> ArrayRecord:
+        """Per key: floating -> Σ α_k θ_k in float64, cast back; integer/bool -> element-wise max.
+
+        Streams: ``arrays_np`` may be a generator, each reply is folded into the accumulator
+        and released, so peak memory is one reply plus the float64 accumulator, not N replies.
+        """
+        acc: dict[str, np.ndarray] = {}
+        dtypes: dict[str, np.dtype] = {}
+        count = 0
+        for values in arrays_np:  # not zip(): its cached result tuple would keep the previous reply alive
+            if count >= len(alpha):
+                raise ValueError(f"{len(alpha)} weights for more replies")
+            a = alpha[count]
+            count += 1
+            for key, value in values.items():
+                if key not in acc:  # the first reply fixes keys and dtypes (validated identical)
+                    dtypes[key] = value.dtype
+                    if np.issubdtype(value.dtype, np.inexact):
+                        acc[key] = np.zeros(value.shape, dtype=np.result_type(value.dtype, np.float64))
+                    else:
+                        acc[key] = np.array(value, copy=True)
+                        continue
+                if np.issubdtype(dtypes[key], np.inexact):
+                    acc[key] += a * value
+                else:
+                    np.maximum(acc[key], value, out=acc[key])
+            del values, value  # release this reply before the generator decodes the next one
+        if count != len(alpha):
+            raise ValueError(f"{len(alpha)} weights for {count} replies")
+        return ArrayRecord({key: Array(np.array(acc[key].astype(dtypes[key]), dtype=dtypes[key], order="C"))
+                            for key in acc})  # keeps 0-d shapes
 
     def _train_metrics(self, msgs: list[Message], metrics: list[MetricRecord]) -> MetricRecord:
         """Sample-weighted mean of the common scalar train metrics, plus the total ``num-examples``.
