@@ -16,30 +16,20 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fopro_kd.config import Config, config_from_dict
+from simulations.tiny_federation import tiny_federation_values
 
-NUM_SITES = 3
+NUM_SITES = tiny_federation_values()["federation"]["num_clients"]
 
 ClientAppFn = Callable[[Message, Context], Message]
 
 
 def tiny_values(**sections: dict[str, Any]) -> dict[str, Any]:
-    """4 classes, 32 px, ~30 training images per site, tiny timm student and random teacher.
+    """The tiny federation (simulations/tiny_federation.py) with a quorum of 2, so one site may drop out.
 
     Each keyword names a config section whose keys update the defaults.
     """
-    values: dict[str, Any] = {
-        "seed": 0,
-        "device": "cpu",
-        "data": {"kind": "synthetic", "image_size": 32, "num_classes": 4, "max_per_class": 40, "imbalance_factor": 4},
-        "split": {"val_per_class": 4, "test_per_class": 4},
-        "student": {"arch": "test_resnet"},
-        "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
-        "train": {"method": "fopro-kd", "batch_size": 8, "eval_batch_size": 64},
-        "federation": {"num_clients": NUM_SITES, "num_rounds": 2, "local_steps": 2, "min_available_clients": 2},
-    }
-    for name, extra in sections.items():
-        values[name] = {**values.get(name, {}), **extra}
-    return values
+    federation = {"min_available_clients": 2, **sections.pop("federation", {})}
+    return tiny_federation_values(**sections, federation=federation)
 
 
 def tiny_config(**sections: dict[str, Any]) -> Config:

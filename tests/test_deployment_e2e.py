@@ -20,21 +20,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from simulations.tiny_federation import tiny_federation_values
+
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-TINY = {
-    "seed": 0,
-    "device": "cpu",
-    "data": {"kind": "synthetic", "image_size": 32, "num_classes": 4, "max_per_class": 40, "imbalance_factor": 4},
-    "split": {"val_per_class": 4, "test_per_class": 4},
-    "student": {"arch": "test_resnet"},
-    "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
-    "train": {"method": "fopro-kd", "batch_size": 8, "eval_batch_size": 64},
-    "federation": {"num_clients": 2, "num_rounds": 2, "local_steps": 2, "min_available_clients": 2,
-                   "round_timeout_s": 300},
-}
+TINY = tiny_federation_values(
+    federation={"num_clients": 2, "num_rounds": 2, "local_steps": 2, "min_available_clients": 2, "round_timeout_s": 300}
+)
 
 
 def free_port() -> int:

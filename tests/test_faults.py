@@ -36,6 +36,7 @@ from fopro_kd.config import Config, config_from_dict
 from fopro_kd.run_dir import RunDir
 from server.checkpoints import ServerCheckpointStore
 from server.strategies.base import ValidatedWeightedAvg
+from simulations.tiny_federation import tiny_federation_values
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -52,20 +53,11 @@ def _register_by_value() -> None:
 
 
 def tiny_values(num_clients: int, **federation: Any) -> dict[str, Any]:
-    return {
-        "seed": 0,
-        "device": "cpu",
-        "data": {"kind": "synthetic", "image_size": 32, "num_classes": 4, "max_per_class": 60, "imbalance_factor": 3},
-        "split": {"val_per_class": 4, "test_per_class": 4},
-        "student": {"arch": "test_resnet"},
-        "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
-        "train": {"method": "fopro-kd", "batch_size": 8, "eval_batch_size": 64},
-        "federation": {
-            "num_clients": num_clients, "num_rounds": 2, "local_steps": 2, "min_available_clients": num_clients,
-            "partition": {"kind": "iid", "min_per_site": 4},
-            **federation,
-        },
-    }
+    return tiny_federation_values(
+        data={"max_per_class": 60, "imbalance_factor": 3},
+        federation={"num_clients": num_clients, "num_rounds": 2, "local_steps": 2, "min_available_clients": num_clients,
+                    "partition": {"kind": "iid", "min_per_site": 4}, **federation},
+    )
 
 
 # --------------------------------------------------------------------------- the test-only injector

@@ -14,22 +14,13 @@ from fopro_kd.cli import main as cli_main
 from fopro_kd.config import Config, config_from_dict
 from server.checkpoints import ResumeError
 from simulations.simulate import run_simulation_from_config, simulate
+from simulations.tiny_federation import tiny_federation_values
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
-TINY: dict[str, Any] = {
-    "seed": 0,
-    "device": "cpu",
-    "data": {"kind": "synthetic", "image_size": 32, "num_classes": 4, "max_per_class": 40, "imbalance_factor": 4},
-    "split": {"val_per_class": 4, "test_per_class": 4},
-    "student": {"arch": "test_resnet"},
-    "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
-    "train": {"method": "fopro-kd", "batch_size": 8, "eval_batch_size": 64},
-    "federation": {
-        "num_clients": 3, "num_rounds": 2, "local_steps": 2, "min_available_clients": 3,
-        "partition": {"kind": "dirichlet", "alpha": 1.0, "site_styles": ["scanner_a", "scanner_b", "scanner_c"]},
-    },
-}
+TINY = tiny_federation_values(
+    federation={"partition": {"kind": "dirichlet", "alpha": 1.0, "site_styles": ["scanner_a", "scanner_b", "scanner_c"]}}
+)
 
 
 def tiny(**federation: Any) -> Config:

@@ -56,6 +56,17 @@ def needs_private_student(cfg: Config) -> bool:
 # --------------------------------------------------------------------------- timm residual blocks
 
 
+def _residual_sum(block: nn.Module, x: Tensor, shortcut: Tensor) -> Tensor:
+    """The tail shared by timm's residual blocks (SE, drop-path, downsample), added out of place."""
+    if block.se is not None:
+        x = block.se(x)
+    if block.drop_path is not None:
+        x = block.drop_path(x)
+    if block.downsample is not None:
+        shortcut = block.downsample(shortcut)
+    return x + shortcut
+
+
 class _OutOfPlaceBasicBlock(BasicBlock):
     """timm ``BasicBlock`` with ``x = x + shortcut`` instead of ``x += shortcut`` (Opacus hooks)."""
 
@@ -68,13 +79,7 @@ class _OutOfPlaceBasicBlock(BasicBlock):
         x = self.aa(x)
         x = self.conv2(x)
         x = self.bn2(x)
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        return self.act2(x + shortcut)
+        return self.act2(_residual_sum(self, x, shortcut))
 
 
 class _OutOfPlaceBottleneck(Bottleneck):
@@ -92,13 +97,7 @@ class _OutOfPlaceBottleneck(Bottleneck):
         x = self.aa(x)
         x = self.conv3(x)
         x = self.bn3(x)
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        return self.act3(x + shortcut)
+        return self.act3(_residual_sum(self, x, shortcut))
 
 
 # --------------------------------------------------------------------------- conversion
