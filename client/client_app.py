@@ -62,6 +62,7 @@ from client.data import (  # noqa: E402
     site_spec_from_node_config,
 )
 from client.state import STATE_KEY, ClientState, ClientStateStore, check_state_key, default_state_root  # noqa: E402
+from fopro_kd.compression import encode_for_transfer, restore_torch_dtypes  # noqa: E402
 from fopro_kd.config import Config  # noqa: E402
 from fopro_kd.privacy.accounting import PrivacyBudgetExhausted  # noqa: E402
 from fopro_kd.privacy.statistics import statistics_event, statistics_policy  # noqa: E402
@@ -164,7 +165,9 @@ def _global_state(msg: Message, spec: SiteSpec) -> dict[str, torch.Tensor]:
     return arrays.to_torch_state_dict()
 
 
-def _load_student(student: torch.nn.Module, state: dict[str, torch.Tensor], spec: SiteSpec) -> None:
+def _load_student(student: torch.nn.Module, state: dict[str, torch.Tensor], spec: SiteSpec, transfer_dtype: str) -> None:
+    """Load the received global student, restoring float16 / bfloat16 transfer to the model's dtypes."""
+    state = restore_torch_dtypes(state, student.state_dict(), transfer_dtype)
     try:
         student.load_state_dict(state)
     except RuntimeError as exc:
@@ -298,8 +301,10 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
     teacher = shared_teacher(cfg)
     torch.manual_seed(int(cfg.seed) * 1000 + spec.site_id)  # the first round's prompt / heads init
     student, prompt = build_models(cfg, data.train.num_classes, teacher)
-    global_state = _global_state(msg, spec)
-    _load_student(student, global_state, spec)
+    _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
+    mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
+    # FedProx' anchor: the global student as received (restored to fp32), before any local step
+    global_state = {k: v.detach().clone() for k, v in student.state_dict().items()} if mu > 0 else None
 
     state_key = config.get(STATE_KEY)
     store = _state_store(context, spec, state_root, None if state_key is None else str(state_key))
@@ -310,7 +315,6 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
 
     dp = trainer.dp  # privacy.mode local: DP-SGD state, restored with the trainer (epsilon composes over rounds)
     fedmas = cfg.federation.strategy == "fedmas"
-    mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
     epochs, max_steps = local_schedule(cfg, len(data.train))
     if dp is not None:
         reason = dp.check_budget(len(data.train), epochs, max_steps, extra_events=dp_statistics_events(cfg))
@@ -326,7 +330,7 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
     try:
         result = trainer.train(
             data.train, epochs=epochs, max_steps=max_steps, total_epochs=cfg.federation.num_rounds * epochs,
-            proximal_mu=mu, global_params=global_state if mu > 0 else None, track_class_rep=fedmas,
+            proximal_mu=mu, global_params=global_state, track_class_rep=fedmas,
         )
     except PrivacyBudgetExhausted as exc:
         # the pre-check makes this unreachable; if a release still does not fit, keep what was spent, then decline
@@ -357,7 +361,7 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
                 "" if rho is None else f", robust factor {rho:.4f}",
                 "" if dp is None else f", epsilon {metrics['dp-epsilon']:.4f} (delta {dp.delta:g})")
     content = RecordDict({
-        "arrays": ArrayRecord(_cpu_state(student)),
+        "arrays": ArrayRecord(encode_for_transfer(_cpu_state(student), cfg.federation.transfer_dtype)),
         "metrics": metrics,
     })
     if dp is not None:
@@ -381,7 +385,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
     spec, data = _site(context, cfg)
     device = select_device(cfg.device)
     student = build_global_student(cfg, data.train.num_classes)
-    _load_student(student, _global_state(msg, spec), spec)
+    _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
     correct, total = class_correct_counts(student.to(device), data.local_test, cfg, device)
     n = int(sum(total))
     recalls = [c / t for c, t in zip(correct, total) if t > 0]

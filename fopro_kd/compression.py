@@ -28,11 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SUPPORTED_DTYPES", "compress_state", "decompress_state", "pack_for_numpy", "state_nbytes",
-           "unpack_from_numpy"]
+__all__ = ["SUPPORTED_DTYPES", "compress_state", "decompress_state", "encode_for_transfer", "pack_for_numpy",
+           "restore_numpy_dtypes", "restore_torch_dtypes", "state_nbytes", "unpack_from_numpy"]
 
 SUPPORTED_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -113,3 +114,63 @@ def unpack_from_numpy(packed: Mapping[str, Tensor], like: Mapping[str, Tensor]) 
 def state_nbytes(state_dict: Mapping[str, Tensor]) -> int:
     """Bytes of the tensor payload (``numel * element_size`` summed), without any container overhead."""
     return int(sum(t.numel() * t.element_size() for t in state_dict.values()))
+
+
+# --------------------------------------------------------------------------- message boundaries
+
+_WIRE_NUMPY_DTYPE = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.int16)}  # bf16 travels as int16 bits
+
+
+def encode_for_transfer(state_dict: Mapping[str, Tensor], dtype: str) -> dict[str, Tensor]:
+    """What goes into a message's ArrayRecord: ``state_dict`` as is (``float32``) or compressed and packed."""
+    if dtype == "float32":
+        return dict(state_dict)
+    return pack_for_numpy(compress_state(state_dict, dtype))
+
+
+def restore_torch_dtypes(received: Mapping[str, Tensor], like: Mapping[str, Tensor], dtype: str) -> dict[str, Tensor]:
+    """Undo :func:`encode_for_transfer` on the receiving model's side, leniently.
+
+    Only tensors that arrive in the wire dtype of ``dtype`` where ``like`` holds a floating
+    tensor of the same name are converted (to ``like``'s dtype); anything else is passed on
+    unchanged, so that ``load_state_dict`` still reports missing or mismatched names itself.
+    """
+    wire = _WIRE_NUMPY_DTYPE.get(_dtype_name(dtype))
+    out: dict[str, Tensor] = {}
+    for key, tensor in received.items():
+        ref = like.get(key)
+        if wire is not None and ref is not None and ref.is_floating_point() and _torch_matches(tensor, wire):
+            tensor = (tensor.view(torch.bfloat16) if tensor.dtype == torch.int16 else tensor).to(ref.dtype)
+        out[key] = tensor
+    return out
+
+
+def restore_numpy_dtypes(
+    received: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], dtype: str
+) -> dict[str, np.ndarray]:
+    """NumPy version of :func:`restore_torch_dtypes` for the server's validation and averaging.
+
+    A floating array that arrives in another dtype than the wire dtype keeps it, so the
+    server's dtype check rejects it with its usual message.
+    """
+    wire = _WIRE_NUMPY_DTYPE.get(_dtype_name(dtype))
+    if wire is None:
+        return dict(received)
+    out: dict[str, np.ndarray] = {}
+    for key, value in received.items():
+        ref = reference.get(key)
+        if ref is not None and np.issubdtype(ref.dtype, np.inexact) and value.dtype == wire:
+            if wire == np.int16:  # bfloat16 bit pattern -> the top half of a float32
+                value = (value.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            value = value.astype(ref.dtype)
+        out[key] = value
+    return out
+
+
+def _dtype_name(dtype: str) -> str:
+    _dtype(dtype)  # validates
+    return str(dtype)
+
+
+def _torch_matches(tensor: Tensor, wire: np.dtype) -> bool:
+    return (wire == np.float16 and tensor.dtype == torch.float16) or (wire == np.int16 and tensor.dtype == torch.int16)

@@ -217,6 +217,9 @@ class FederationConfig:
     """Reject a reply whose update ||theta_k - theta|| (floating arrays, L2) exceeds this bound; ``None``: no bound."""
     share_class_counts: bool | None = None
     """Send per-class counts to the server; ``None`` = only when the strategy needs them."""
+    transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """dtype of the floating weights on the wire, both ways; the server keeps float32 master weights.
+    float16/bfloat16 halve every message (and what the server holds per hospital); integer buffers stay exact."""
     client_num_cpus: float = 1.0
     client_num_threads: int = 1
     partition: PartitionConfig = field(default_factory=PartitionConfig)

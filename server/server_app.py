@@ -493,7 +493,7 @@ def run_federation(
     strategy = recorder.instrument(build_strategy(
         strategy_federation_config(cfg), train_metrics_aggr_fn=aggregate_metrics,
         evaluate_metrics_aggr_fn=aggregate_metrics, min_valid_replies=fed.min_valid_replies,
-        max_update_norm=fed.max_update_norm))
+        max_update_norm=fed.max_update_norm, transfer_dtype=fed.transfer_dtype))
     evaluator = ServerEvaluator(cfg, splits, run, recorder, parallel_slots)
     if cfg.privacy.mode == "central":  # clip each update, noise the weighted aggregate (docs/privacy.md §3)
         strategy.central_dp = evaluator.central_dp = CentralDP.from_config(cfg)

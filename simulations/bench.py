@@ -6,7 +6,7 @@ Suites (each prints a table and, with ``--json``, writes its medians and targets
                 method step-time ratios, teacher feature cache speedup;
 ``data``        images/s of the training data pipeline on HAM10000 (64 / 128 px) vs the step rate;
 ``simulation``  wall time per round of ``configs/sim-demo.yaml`` and the share outside client training;
-``scaling``     the same data over 4 / 16 / 64 virtual hospitals: round time and peak memory;
+``scaling``     the same data over 4 and 64 virtual hospitals (``--hospitals`` for more): round time and peak memory;
 ``comm``        bytes per client per round, fp32 vs fp16 / bf16 transfer, and the accuracy effect;
 ``all``         every suite, in this order.
 
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulation/scaling/comm: the federation config (default configs/sim-demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="simulation/scaling/comm: config override, repeatable (e.g. federation.num_rounds=2)")
-    p.add_argument("--hospitals", type=int, nargs="+", default=None, help="scaling: hospital counts (default 4 16 64)")
+    p.add_argument("--hospitals", type=int, nargs="+", default=None, help="scaling: hospital counts (default 4 64)")
     p.add_argument("--ham-root", default=None, help="data: HAM10000 folder (default ../shared/data/ham10000)")
     p.add_argument("--run-dir", default=None,
                    help="comm: evaluate the global model (best.pt) of this finished simulation run")

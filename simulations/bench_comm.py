@@ -1,8 +1,9 @@
 """``bench comm``: bytes per client per round, fp32 vs fp16 / bf16 transfer, and the accuracy effect.
 
 The federation exchanges the student's ``state_dict`` twice per client and round (the
-global model down, the trained model up) as a Flower ``ArrayRecord``; it has no
-compression option. This suite measures, with the codec of :mod:`fopro_kd.compression`:
+global model down, the trained model up) as a Flower ``ArrayRecord``, in float32 unless
+``federation.transfer_dtype`` is float16 / bfloat16. This suite measures, with the codec of
+:mod:`fopro_kd.compression` that the federation uses:
 
 * bytes: ``ArrayRecord.count_bytes()`` of the student state in float32 (what the
   federation sends today) and after ``compress_state`` to float16 / bfloat16 (bfloat16
@@ -12,7 +13,7 @@ compression option. This suite measures, with the codec of :mod:`fopro_kd.compre
   ``configs/sim-demo.yaml`` run) on the server's test split, before and after a
   compress/decompress round trip, with the share of identical predictions. This is the
   effect of casting the final model once; the effect of compressing every round of
-  training (errors compounding through FedAvg) is **not** measured here.
+  training is a full run with ``--set federation.transfer_dtype=float16`` (docs/performance.md).
 
 Without a run directory (``--run-dir``, or the ``simulation`` suite's run when ``all`` is
 run), a short simulation of the demo is run first; ``--quick`` evaluates a freshly
@@ -153,8 +154,8 @@ def run(opts: dict[str, Any]) -> dict[str, Any]:
     return {
         "what": ("bytes: ArrayRecord.count_bytes() of the student state dict, x2 per client and round (global model "
                  "down + trained model up); accuracy: balanced accuracy on the server test split of " + source +
-                 " before/after ONE compress->decompress round trip (compression during every training round is "
-                 "not measured: the federation has no compression option yet)"),
+                 " before/after ONE compress->decompress round trip (compression during every training round: run the "
+                 "federation with federation.transfer_dtype, see docs/performance.md)"),
         "model_source": source, "num_tensors": len(state),
         "num_parameters": int(sum(v.numel() for v in state.values() if v.is_floating_point())),
         "recorded_upload_bytes_per_client": recorded_up, "rows": rows,

@@ -34,6 +34,8 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
     "ekd": ["train.method=ekd", "train.loss=bsm"],
     "fopro-kd": ["train.method=fopro-kd", "train.loss=bsm", "akd.mode=discriminative"],
     "fopro-kd+akd": ["train.method=fopro-kd", "train.loss=bsm", "akd.mode=minmax"],
+    # the cheaper prompt schedule (docs/performance.md): prompt trained on every 4th batch
+    "fopro-kd-every4": ["train.method=fopro-kd", "train.loss=bsm", "akd.mode=discriminative", "akd.prompt_every=4"],
 }
 
 

@@ -18,6 +18,7 @@ from fopro_kd.config import Config, ConfigError, apply_overrides
 from fopro_kd.data.synthetic import make_synthetic_imageset
 from server.evaluation import build_global_student
 
+from fopro_kd.compression import encode_for_transfer  # noqa: E402
 from federation_helpers import NUM_SITES, fake_task_identity, preserved_torch_threads  # noqa: E402
 from federation_helpers import tiny_config as shared_tiny_config  # noqa: E402
 
@@ -162,6 +163,28 @@ def test_fedprox_mu_reaches_the_trainer(tmp_path: Path) -> None:
     reply = make_client_app(cfg, state_root=tmp_path)(train_message(global_arrays(cfg), 1, ctx.node_id,
                                                                      **{"proximal-mu": 0.5}), ctx)
     assert reply.content["metrics"]["loss-prox"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_compressed_transfer_both_ways(dtype: str, tmp_path: Path) -> None:
+    """A compressed global model trains and evaluates; the reply goes back compressed, integers exact."""
+    cfg = tiny_config(federation={"transfer_dtype": dtype})
+    full = global_arrays(cfg)
+    sent = ArrayRecord(encode_for_transfer(full.to_torch_state_dict(), dtype))
+    ctx = sim_context(0)
+    app = make_client_app(cfg, state_root=tmp_path)
+    reply = app(train_message(sent, 1, ctx.node_id), ctx)
+    assert not reply.has_error(), reply.error
+    out = reply.content["arrays"]
+    wire = np.float16 if dtype == "float16" else np.int16
+    for key in full.keys():
+        reference = full[key].numpy()
+        expected = wire if np.issubdtype(reference.dtype, np.floating) else reference.dtype
+        assert out[key].numpy().dtype == expected, key
+    assert out.count_bytes() < 0.6 * full.count_bytes()
+    evaluated = app(evaluate_message(sent, ctx.node_id), ctx)
+    assert not evaluated.has_error(), evaluated.error
+    assert sum(evaluated.content["metrics"]["total-counts"]) > 0
 
 
 def test_evaluate_reply_has_per_class_counts(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from client.client_app import make_client_app
@@ -141,6 +142,19 @@ def test_class_balanced_federation_reports_shared_counts(tmp_path: Path) -> None
     shared = json.loads((out / "reported_class_counts.json").read_text())
     assert set(shared) == {"site-0", "site-1", "site-2"}
     assert metrics["per_site"] == {}, "fraction_evaluate 0 switches federated evaluation off"
+
+
+def test_float16_transfer_federation_halves_the_bytes_and_keeps_float32_master(tmp_path: Path) -> None:
+    full, _ = _federate(tiny_config(federation={"num_rounds": 1, "fraction_evaluate": 0.0}), tmp_path / "fp32")
+    half, out = _federate(tiny_config(federation={"num_rounds": 1, "fraction_evaluate": 0.0,
+                                                  "transfer_dtype": "float16"}), tmp_path / "fp16")
+    assert half["best_round"] == 1 and not half["failed_replies"]
+    bytes_fp32 = int(read_history(tmp_path / "fp32" / "run")[1]["bytes/site-0"])
+    bytes_fp16 = int(read_history(out)[1]["bytes/site-0"])
+    assert 0.45 < bytes_fp16 / bytes_fp32 < 0.55
+    payload = load_checkpoint(out / "best.pt", expected_format="fopro-kd-student/1")
+    floats = [v for v in payload["state_dict"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats), "the server keeps float32 master weights"
 
 
 def test_report_puts_single_site_and_federated_runs_side_by_side(tmp_path: Path, capsys) -> None:

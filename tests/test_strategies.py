@@ -491,3 +491,46 @@ def test_strategy_runs_in_flower_start_loop():
     assert int(result.arrays["bn.num_batches_tracked"].numpy()) == 3
     assert result.evaluate_metrics_clientapp[3]["accuracy"] == pytest.approx(0.5)
     assert result.train_metrics_clientapp[2]["num-examples"] == 10
+
+
+# --------------------------------------------------------------------------- compressed transfer
+
+
+@pytest.mark.parametrize("dtype, wire, tol", [("float16", np.float16, 1e-3), ("bfloat16", np.int16, 1e-2)])
+def test_compressed_transfer_sends_half_precision_and_keeps_float32_master_weights(dtype, wire, tol):
+    strategy = FedAvgStrategy(transfer_dtype=dtype)
+    start = ArrayRecord({"w": Array(np.full((2, 2), 0.1, np.float32)),
+                         "bn.running_mean": Array(np.zeros(2, np.float32)),
+                         "bn.num_batches_tracked": Array(np.array(0, np.int64))})
+    messages = list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid()))
+    sent = messages[0].content.array_records["arrays"]
+    assert sent["w"].numpy().dtype == wire and sent["bn.num_batches_tracked"].numpy().dtype == np.int64
+    assert sent.count_bytes() < start.count_bytes()
+    evaluate = list(strategy.configure_evaluate(1, start, ConfigRecord(), FakeGrid()))
+    assert evaluate[0].content.array_records["arrays"]["w"].numpy().dtype == wire
+
+    def compressed(value: float, steps: int) -> dict[str, np.ndarray]:
+        full = client_arrays(value, steps)
+        if wire == np.float16:
+            return {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in full.items()}
+        import torch
+
+        from fopro_kd.compression import encode_for_transfer
+
+        return {k: v.numpy() for k, v in encode_for_transfer({k: torch.from_numpy(v) for k, v in full.items()}, dtype).items()}
+
+    arrays, _ = strategy.aggregate_train(1, [reply(11, compressed(1.0, 3), {"num-examples": 1}),
+                                             reply(12, compressed(3.0, 5), {"num-examples": 3})])
+    assert strategy.last_rejections == []
+    assert arrays["w"].numpy().dtype == np.float32  # the master weights stay float32
+    np.testing.assert_allclose(arrays["w"].numpy(), 2.5, rtol=tol)
+    assert int(arrays["bn.num_batches_tracked"].numpy()) == 5
+
+
+def test_compressed_transfer_rejects_a_reply_in_another_dtype():
+    strategy = prepared(FedAvgStrategy(transfer_dtype="float16"))
+    odd = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in client_arrays(1.0, 1).items()}
+    strategy.aggregate_train(1, [reply(11, odd, {"num-examples": 1}), reply(12, client_arrays(1.0, 1), {"num-examples": 1})])
+    assert [r["check"] for r in strategy.last_rejections] == ["dtype"]
+    with pytest.raises(ValueError, match="transfer_dtype"):
+        FedAvgStrategy(transfer_dtype="int8")

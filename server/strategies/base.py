@@ -40,6 +40,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fopro_kd.compression import SUPPORTED_DTYPES, encode_for_transfer, restore_numpy_dtypes
 from server.validation import NUM_EXAMPLES_KEY, reason_check, to_numpy_dict, validate_arrays, validate_metrics
 
 __all__ = ["ValidatedWeightedAvg", "weighted_mean_metrics"]
@@ -95,6 +96,10 @@ class ValidatedWeightedAvg(FedAvg):
         Fewest valid replies needed to aggregate; below it the previous model is kept.
     max_update_norm : float, optional
         Reject replies whose update ‖θ_k − θ^r‖₂ (floating arrays) exceeds this bound.
+    transfer_dtype : str (default: ``"float32"``)
+        dtype of the floating weights in the messages (``float16`` / ``bfloat16`` halve them);
+        the strategy keeps float32 master weights: it compresses what it sends and restores
+        each reply before validating and averaging it.
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
         ``min_train_nodes``, ``train_metrics_aggr_fn``, ...).
@@ -120,6 +125,7 @@ class ValidatedWeightedAvg(FedAvg):
         *,
         min_valid_replies: int = 1,
         max_update_norm: float | None = None,
+        transfer_dtype: str = "float32",
         **fedavg_kwargs: Any,
     ) -> None:
         if isinstance(min_valid_replies, bool) or not isinstance(min_valid_replies, int) or min_valid_replies < 1:
@@ -135,6 +141,9 @@ class ValidatedWeightedAvg(FedAvg):
         super().__init__(**fedavg_kwargs)
         self.min_valid_replies = min_valid_replies
         self.max_update_norm = max_update_norm
+        if transfer_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"transfer_dtype must be one of {list(SUPPORTED_DTYPES)}, got {transfer_dtype!r}")
+        self.transfer_dtype = transfer_dtype
         self.last_weights: dict[int, float] = {}
         self.last_rejections: list[dict[str, Any]] = []
         self._reference: ArrayRecord | None = None
@@ -152,7 +161,8 @@ class ValidatedWeightedAvg(FedAvg):
         """Log the strategy's configuration."""
         log(INFO, "\t├──> %s (validated weighted average):", type(self).__name__)
         log(INFO, "\t│\t├── min valid replies: %d", self.min_valid_replies)
-        log(INFO, "\t│\t└── max update norm: %s", self.max_update_norm)
+        log(INFO, "\t│\t├── max update norm: %s", self.max_update_norm)
+        log(INFO, "\t│\t└── transfer dtype: %s", self.transfer_dtype)
         super().summary()
 
     # ------------------------------------------------------------------ round setup
@@ -166,10 +176,26 @@ class ValidatedWeightedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Remember the global arrays sent this round, then configure as FedAvg."""
         self.set_reference(arrays)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = list(super().configure_train(server_round, self.encode_global(arrays), config, grid))
         if self.central_dp is not None:  # client sampling rate q of this round, for the central accountant
             self.central_dp.set_sample_rate(len(messages), len(list(grid.get_node_ids())))
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure as FedAvg, sending the global arrays in the transfer dtype."""
+        return super().configure_evaluate(server_round, self.encode_global(arrays), config, grid)
+
+    def encode_global(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global arrays as they go on the wire (``transfer_dtype``); float32: unchanged."""
+        if self.transfer_dtype == "float32":
+            return arrays
+        return ArrayRecord(encode_for_transfer(arrays.to_torch_state_dict(), self.transfer_dtype))
+
+    def _decode(self, arrays: ArrayRecord, reference: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        values = to_numpy_dict(arrays)
+        return values if reference is None else restore_numpy_dtypes(values, reference, self.transfer_dtype)
 
     # ------------------------------------------------------------------ weights hook
 
@@ -237,7 +263,7 @@ class ValidatedWeightedAvg(FedAvg):
             if arrays is None or metric_record is None:
                 self._reject(server_round, node, reason or "records: missing")
                 continue
-            values = to_numpy_dict(arrays)
+            values = self._decode(arrays, reference_np)
             if reference_np is None:
                 log(
                     WARNING,
@@ -277,7 +303,7 @@ class ValidatedWeightedAvg(FedAvg):
 
         # 5. dtype-preserving average (central DP: of the clipped updates, plus calibrated noise),
         #    decoding the validated replies a second time, one at a time
-        decoded = (to_numpy_dict(self._records(msg.content)[0]) for msg, _ in valid)
+        decoded = (self._decode(self._records(msg.content)[0], reference_np) for msg, _ in valid)
         if self.central_dp is not None:
             if self._reference is None:
                 raise RuntimeError("central DP needs the global arrays sent this round (configure_train was not called)")
