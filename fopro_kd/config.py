@@ -93,9 +93,15 @@ class AugmentConfig:
 @dataclass
 class StudentConfig:
     arch: str = "resnet18"
-    init: Literal["random", "imagenet"] = "random"
+    init: Literal["random", "imagenet", "teacher"] = "random"
+    """``random``; ``imagenet``: timm pretrained weights (``weights_file`` or the Hub); ``teacher``: the
+    teacher's own public weights (same ``arch`` as ``teacher.arch``), e.g. the demo teacher."""
     weights_file: str | None = None
     """Local ImageNet checkpoint for ``init: imagenet`` (timm layout)."""
+    freeze_backbone: bool = False
+    """Keep the pretrained backbone fixed (parameters and BatchNorm statistics) and train only the
+    heads and projector: far fewer private parameters for DP-SGD (docs/privacy.md §6). Needs a
+    pretrained ``init``."""
     input_size: int | None = None
     """Student input size; ``None`` uses ``data.image_size``."""
     projector_hidden: int | None = None
@@ -338,6 +344,7 @@ def _check_ranges(cfg: Config, source: str) -> None:
             f"{source}: 'federation.min_available_clients' ({cfg.federation.min_available_clients}) exceeds "
             f"'federation.num_clients' ({cfg.federation.num_clients})"
         )
+    _check_student_init(cfg, source)
     _check_privacy(cfg, source)
     for value in cfg.teacher.model_kwargs.values():
         if not isinstance(value, (str, int, float, bool, type(None))):
@@ -359,6 +366,22 @@ def _check_reliability(cfg: Config, source: str) -> None:
     norm = fed.max_update_norm
     if norm is not None and not (norm > 0 and math.isfinite(norm)):
         raise ConfigError(f"{source}: 'federation.max_update_norm' must be a finite number > 0 or null, got {norm!r}")
+
+
+def _check_student_init(cfg: Config, source: str) -> None:
+    s = cfg.student
+    if s.freeze_backbone and s.init == "random":
+        raise ConfigError(
+            f"{source}: 'student.freeze_backbone' is true but 'student.init' is 'random': a frozen random backbone "
+            "learns nothing; use 'init: imagenet' or 'init: teacher'"
+        )
+    if s.init == "teacher" and s.arch != cfg.teacher.arch:
+        raise ConfigError(
+            f"{source}: 'student.init' is 'teacher' but 'student.arch' ({s.arch!r}) differs from 'teacher.arch' "
+            f"({cfg.teacher.arch!r}); the teacher's weights only fit its own architecture"
+        )
+    if s.init == "teacher" and cfg.teacher.source == "file" and not cfg.teacher.file:
+        raise ConfigError(f"{source}: 'student.init' is 'teacher' and 'teacher.source' is 'file' but 'teacher.file' is not set")
 
 
 def _check_privacy(cfg: Config, source: str) -> None:

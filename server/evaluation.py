@@ -22,9 +22,9 @@ import torch
 from fopro_kd.config import Config, MetricsConfig
 from fopro_kd.data.dataset import ImageSet
 from fopro_kd.metrics import shot_groups
-from fopro_kd.models.student import EKDStudent, build_student
+from fopro_kd.models.student import EKDStudent
 from fopro_kd.models.teacher import create_timm_model, feature_dim_of
-from fopro_kd.training.components import uses_teacher
+from fopro_kd.training.components import build_configured_student, uses_teacher
 from fopro_kd.training.trainer import predict
 
 __all__ = ["build_global_student", "class_correct_counts", "site_metrics_from_counts", "teacher_feature_dim"]
@@ -59,7 +59,7 @@ def build_global_student(cfg: Config, num_classes: int, seed: int | None = None)
         from fopro_kd.privacy.surgery import build_dp_student
 
         return build_dp_student(cfg, num_classes, teacher_feature_dim(cfg))
-    return build_student(cfg.student, num_classes, teacher_feature_dim(cfg))
+    return build_configured_student(cfg, num_classes, teacher_feature_dim(cfg))
 
 
 def class_correct_counts(

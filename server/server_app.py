@@ -497,6 +497,7 @@ def run_federation(
     evaluator = ServerEvaluator(cfg, splits, run, recorder, parallel_slots)
     if cfg.privacy.mode == "central":  # clip each update, noise the weighted aggregate (docs/privacy.md §3)
         strategy.central_dp = evaluator.central_dp = CentralDP.from_config(cfg)
+        strategy.central_dp.public_keys = evaluator.student.frozen_state_keys()
     done = 0
     wall_before = 0.0
     state_key = f"run-{uuid.uuid4().hex[:16]}"

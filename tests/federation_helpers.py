@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -34,6 +35,25 @@ def tiny_values(**sections: dict[str, Any]) -> dict[str, Any]:
 
 def tiny_config(**sections: dict[str, Any]) -> Config:
     return config_from_dict(tiny_values(**sections))
+
+
+def aggregate_one_round(strategy: Any, reference: dict[str, np.ndarray], replies: list[dict[str, np.ndarray]],
+                        weights: list[int]) -> dict[str, np.ndarray]:
+    """One train round of ``strategy`` on hand-made replies (``num-examples`` = ``weights``); the new global arrays.
+
+    Call it inside :func:`fake_task_identity`: Flower builds messages only inside a run.
+    """
+    ref = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in reference.items()})
+    strategy.set_reference(ref)
+    sent = [Message(RecordDict({"arrays": ref}), dst_node_id=20 + i, message_type="train") for i in range(len(replies))]
+    answers = [
+        Message(RecordDict({"arrays": ArrayRecord({k: Array(np.array(v, order="C")) for k, v in values.items()}),
+                            "metrics": MetricRecord({"num-examples": weight})}), reply_to=message)
+        for message, values, weight in zip(sent, replies, weights)
+    ]
+    arrays, _ = strategy.aggregate_train(1, answers)
+    assert arrays is not None, "every reply was rejected"
+    return {k: arrays[k].numpy() for k in arrays.keys()}
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 import fopro_kd.privacy.local_dp as local_dp
 from client.client_app import make_client_app
@@ -32,7 +32,7 @@ from server.strategies.base import ValidatedWeightedAvg
 from server.strategies.central_dp import CentralDP
 from server.strategies.fedmas import FedMASStrategy, fedmas_robust_factor
 
-from federation_helpers import NUM_SITES, LocalGrid, fake_task_identity, preserved_torch_threads  # noqa: E402
+from federation_helpers import NUM_SITES, LocalGrid, aggregate_one_round, fake_task_identity, preserved_torch_threads  # noqa: E402
 from federation_helpers import tiny_values as shared_tiny_values  # noqa: E402
 DP_KEYS = {"dp-epsilon", "dp-delta", "dp-target-epsilon", "dp-noise-multiplier", "dp-sample-rate", "dp-steps"}
 
@@ -201,21 +201,6 @@ def test_local_dp_federation_reports_epsilon_and_ends_when_budgets_are_spent(tmp
 # --------------------------------------------------------------------------- central DP
 
 
-def _reply(sent: Message, values: dict[str, np.ndarray], weight: int = 10) -> Message:
-    record = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in values.items()})
-    return Message(RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": weight})}), reply_to=sent)
-
-
-def _round(strategy: ValidatedWeightedAvg, reference: dict[str, np.ndarray], replies: list[dict[str, np.ndarray]],
-           weights: list[int]) -> dict[str, np.ndarray]:
-    ref = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in reference.items()})
-    strategy.set_reference(ref)
-    sent = [Message(RecordDict({"arrays": ref}), dst_node_id=20 + i, message_type="train") for i in range(len(replies))]
-    arrays, _ = strategy.aggregate_train(1, [_reply(s, v, w) for s, v, w in zip(sent, replies, weights)])
-    assert arrays is not None
-    return {k: arrays[k].numpy() for k in arrays.keys()}
-
-
 def test_central_dp_clips_each_update_and_leaves_integer_buffers_alone() -> None:
     strategy = ValidatedWeightedAvg()
     strategy.central_dp = CentralDP(clip_norm=1.0, noise_multiplier=1e-12, delta=1e-5, noise_seed=0)
@@ -225,7 +210,7 @@ def test_central_dp_clips_each_update_and_leaves_integer_buffers_alone() -> None
     huge = {"w": ref["w"] + 1e4, "b": ref["b"] + 1e4, "steps": np.array(9, dtype=np.int64)}
     small = {"w": ref["w"].copy(), "b": ref["b"] + np.float32(0.1), "steps": np.array(10**6, dtype=np.int64)}
     same = {k: v.copy() for k, v in ref.items()}
-    out = _round(strategy, ref, [huge, small, same], [50, 30, 20])
+    out = aggregate_one_round(strategy, ref, [huge, small, same], [50, 30, 20])
     alpha = np.array([0.5, 0.3, 0.2])
     delta = {k: out[k].astype(np.float64) - ref[k].astype(np.float64) for k in ("w", "b")}
     norms = list(strategy.central_dp.last_norms.values())
@@ -253,7 +238,7 @@ def test_central_dp_noise_std_uses_the_largest_weight() -> None:
     sigma, clip = 2.0, 0.5
     strategy.central_dp = CentralDP(clip_norm=clip, noise_multiplier=sigma, delta=1e-5, noise_seed=1)
     ref = {"w": np.zeros(200_000, np.float32)}
-    out = _round(strategy, ref, [{"w": ref["w"].copy()} for _ in range(3)], [1, 1, 1])
+    out = aggregate_one_round(strategy, ref, [{"w": ref["w"].copy()} for _ in range(3)], [1, 1, 1])
     expected_std = sigma * 0.7 * clip  # not sigma * clip / 3
     assert strategy.central_dp.last_noise_std == pytest.approx(expected_std)
     assert float(np.std(out["w"])) == pytest.approx(expected_std, rel=0.02)

@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from fopro_kd.config import StudentConfig
+from fopro_kd.config import StudentConfig, TeacherConfig
 from fopro_kd.models.teacher import WeightsLoadError, create_timm_model, feature_dim_of
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,10 @@ class EKDStudent(nn.Module):
         sees the clean feature so that distillation is not perturbed.
     mean, std
         Input normalisation applied to [0, 1] pixels; ImageNet statistics by default.
+    freeze_backbone
+        Fix φ (parameters *and* BatchNorm statistics: the backbone stays in eval mode whatever
+        ``train()`` says). Only the heads learn, so DP-SGD noises far fewer coordinates, and the
+        frozen BatchNorm keeps the public statistics instead of summarising private batches.
     """
 
     mean: Tensor
@@ -86,6 +90,7 @@ class EKDStudent(nn.Module):
         drop_rate: float = 0.0,
         mean: Sequence[float] = timm.data.IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = timm.data.IMAGENET_DEFAULT_STD,
+        freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -115,6 +120,24 @@ class EKDStudent(nn.Module):
             self.aux_classifier = nn.Linear(teacher_dim, num_classes)
         self.register_buffer("mean", torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([float(v) for v in std]).view(1, -1, 1, 1), persistent=False)
+        self.backbone_frozen = bool(freeze_backbone)
+        if self.backbone_frozen:
+            for param in self.backbone.parameters():
+                param.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> EKDStudent:
+        """As ``nn.Module.train``, except that a frozen backbone always stays in eval mode."""
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def frozen_state_keys(self) -> frozenset[str]:
+        """State-dict keys that training never changes (the frozen backbone): public constants."""
+        if not self.backbone_frozen:
+            return frozenset()
+        return frozenset(f"backbone.{key}" for key in self.backbone.state_dict())
 
     def features(self, x01: Tensor) -> Tensor:
         """Backbone feature *h* (B, d) of a [0, 1] batch."""
@@ -139,12 +162,21 @@ class EKDStudent(nn.Module):
         return StudentOutput(logits, self.aux_classifier(u), u, h)
 
 
-def build_student(cfg: StudentConfig, num_classes: int, teacher_dim: int | None) -> EKDStudent:
+def build_student(
+    cfg: StudentConfig,
+    num_classes: int,
+    teacher_dim: int | None,
+    *,
+    teacher: TeacherConfig | None = None,
+    demo_teacher_file: str | None = None,
+) -> EKDStudent:
     """Build the student described by ``cfg`` (see :class:`~fopro_kd.config.StudentConfig`).
 
     ``init: imagenet`` loads ``cfg.weights_file`` when set (checked against the architecture),
     otherwise timm's default Hub weights with a bounded timeout and an error that says how to
-    use a local file. ``init: random`` never touches the network. With ImageNet weights the
+    use a local file. ``init: teacher`` loads the public weights the teacher is built from
+    (``teacher``; ``demo_teacher_file`` for ``teacher.source: demo``), with the teacher's model
+    kwargs and normalisation. ``init: random`` never touches the network. With pretrained weights the
     input is normalised with the statistics of the weights' own pretrained config; a random
     student uses ImageNet statistics.
 
@@ -153,17 +185,28 @@ def build_student(cfg: StudentConfig, num_classes: int, teacher_dim: int | None)
     StudentLoadError
         Unknown architecture, missing/incompatible weights file, or Hub unavailable.
     """
+    file, prefix, field, model_kwargs, overlay = cfg.weights_file, "student", "weights_file", {}, {}
     if cfg.init == "imagenet":
         source = "file" if cfg.weights_file else "hub"
     elif cfg.init == "random":
         if cfg.weights_file:
             logger.warning("student.weights_file is ignored because student.init is 'random'")
         source = "none"
+    elif cfg.init == "teacher":
+        source, file = _teacher_weights(cfg, teacher, demo_teacher_file)
+        prefix, field = "teacher", "file"  # a bad teacher file is fixed in the teacher section
+        model_kwargs = dict(teacher.model_kwargs) if teacher is not None else {}
+        if teacher is not None and teacher.mean is not None:
+            overlay["mean"] = tuple(teacher.mean)
+        if teacher is not None and teacher.std is not None:
+            overlay["std"] = tuple(teacher.std)
     else:
-        raise StudentLoadError(f"'student.init' must be 'random' or 'imagenet', got {cfg.init!r}")
+        raise StudentLoadError(f"'student.init' must be 'random', 'imagenet' or 'teacher', got {cfg.init!r}")
+    if cfg.freeze_backbone and source == "none":
+        raise StudentLoadError("'student.freeze_backbone' needs pretrained weights ('student.init' imagenet or teacher)")
     backbone, desc = create_timm_model(
-        cfg.arch, source=source, file=cfg.weights_file, model_kwargs={}, prefix="student",
-        file_field="weights_file", error_cls=StudentLoadError,
+        cfg.arch, source=source, file=file, overlay=overlay, model_kwargs=model_kwargs, prefix=prefix,
+        file_field=field, error_cls=StudentLoadError,
     )
     pretrained = dict(getattr(backbone, "pretrained_cfg", None) or {})
     mean = pretrained.get("mean") if source != "none" else None
@@ -177,4 +220,26 @@ def build_student(cfg: StudentConfig, num_classes: int, teacher_dim: int | None)
         drop_rate=cfg.drop_rate,
         mean=mean or timm.data.IMAGENET_DEFAULT_MEAN,
         std=std or timm.data.IMAGENET_DEFAULT_STD,
+        freeze_backbone=cfg.freeze_backbone,
     )
+
+
+def _teacher_weights(
+    cfg: StudentConfig, teacher: TeacherConfig | None, demo_teacher_file: str | None
+) -> tuple[str, str | None]:
+    """(source, file) of the teacher's weights, for ``init: teacher``."""
+    if teacher is None:
+        raise StudentLoadError("'student.init' is 'teacher' but no teacher config was given to build the student from")
+    if cfg.arch != teacher.arch:
+        raise StudentLoadError(
+            f"'student.init' is 'teacher' but student.arch {cfg.arch!r} differs from teacher.arch {teacher.arch!r}"
+        )
+    if teacher.source == "demo":
+        if not demo_teacher_file:
+            raise StudentLoadError("'student.init' is 'teacher' with 'teacher.source: demo' but no demo teacher file")
+        return "file", demo_teacher_file
+    if teacher.source == "file":
+        return "file", teacher.file
+    if teacher.source == "none":
+        logger.warning("student.init is 'teacher' but teacher.source is 'none': the student starts from RANDOM weights")
+    return teacher.source, None

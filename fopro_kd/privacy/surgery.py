@@ -28,7 +28,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
 from fopro_kd.config import Config
-from fopro_kd.models.student import EKDStudent, build_student
+from fopro_kd.models.student import EKDStudent
 
 logger = logging.getLogger("fopro_kd.privacy")
 
@@ -108,6 +108,17 @@ def _group_norm_for(bn: nn.Module) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, channels), channels, eps=float(bn.eps), affine=bool(bn.affine))
 
 
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _frozen_module_ids(model: nn.Module) -> set[int]:
+    """Modules of a frozen backbone: eval mode for good, their BatchNorm statistics are public constants."""
+    if not getattr(model, "backbone_frozen", False):
+        return set()
+    return {id(m) for m in model.backbone.modules()}
+
+
 def _replace_fused_norm_act(model: nn.Module) -> int:
     """timm ``BatchNormAct2d`` -> ``Sequential(GroupNorm, drop, act)``; returns the number replaced."""
     try:
@@ -117,7 +128,7 @@ def _replace_fused_norm_act(model: nn.Module) -> int:
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, BatchNormAct2d):
+            if isinstance(child, BatchNormAct2d) and _trainable(child):
                 setattr(parent, name, nn.Sequential(_group_norm_for(child), child.drop, child.act))
                 replaced += 1
     return replaced
@@ -127,7 +138,9 @@ def make_student_private_compatible(student: EKDStudent, *, zero_init_last: bool
     """Return a DP-compatible copy of ``student`` (the input is left untouched).
 
     BatchNorm -> GroupNorm everywhere (backbone and projector), no in-place operations, timm
-    residual blocks with an out-of-place add. ``zero_init_last`` re-applies timm's zero
+    residual blocks with an out-of-place add. A frozen backbone (``student.freeze_backbone``)
+    keeps its BatchNorm: it is in eval mode for good, so it mixes no examples, its statistics are
+    the public pretrained ones, and it has no parameter that needs a per-sample gradient. ``zero_init_last`` re-applies timm's zero
     initialisation of the last norm layer of each residual block (what a random-init timm
     ResNet has; ``ModuleValidator.fix`` resets it to 1). Idempotent.
 
@@ -181,8 +194,9 @@ def private_compatibility_problems(model: nn.Module) -> list[str]:
     from opacus.validators import ModuleValidator
 
     problems: list[str] = []
+    frozen = _frozen_module_ids(model)
     for name, module in model.named_modules():
-        if isinstance(module, _BATCHNORM):
+        if isinstance(module, _BATCHNORM) and (id(module) not in frozen or _trainable(module)):
             problems.append(f"{name or '<root>'} is {type(module).__name__} (mixes examples of a batch)")
         if getattr(module, "inplace", False) is True:
             problems.append(f"{name} has inplace=True")
@@ -205,7 +219,9 @@ def build_dp_student(cfg: Config, num_classes: int, teacher_dim: int | None) -> 
 
     Seed torch before calling it (as for ``build_student``) to get the same initial weights.
     """
-    student = build_student(cfg.student, num_classes, teacher_dim)
+    from fopro_kd.training.components import build_configured_student
+
+    student = build_configured_student(cfg, num_classes, teacher_dim)
     return make_student_private_compatible(student, zero_init_last=cfg.student.init == "random")
 
 

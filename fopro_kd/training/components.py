@@ -50,6 +50,14 @@ def clear_teacher_cache() -> None:
         _TEACHERS.clear()
 
 
+def build_configured_student(cfg: Config, num_classes: int, teacher_dim: int | None) -> EKDStudent:
+    """:func:`build_student` with what ``student.init: teacher`` needs from the teacher section."""
+    demo_file = None
+    if cfg.student.init == "teacher" and cfg.teacher.source == "demo":
+        demo_file = str(demo_teacher_path(cfg))
+    return build_student(cfg.student, num_classes, teacher_dim, teacher=cfg.teacher, demo_teacher_file=demo_file)
+
+
 def build_models(
     cfg: Config, num_classes: int, teacher: FrozenTeacher | None
 ) -> tuple[EKDStudent, FourierPrompt | None]:
@@ -60,7 +68,7 @@ def build_models(
 
         student = build_dp_student(cfg, num_classes, teacher_dim)
     else:
-        student = build_student(cfg.student, num_classes, teacher_dim)
+        student = build_configured_student(cfg, num_classes, teacher_dim)
     prompt = None
     if cfg.train.method == "fopro-kd":
         if teacher is None:

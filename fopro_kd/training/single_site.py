@@ -21,11 +21,11 @@ from fopro_kd.config import Config
 from fopro_kd.data import build_splits
 from fopro_kd.data.dataset import DatasetSplits, ImageSet
 from fopro_kd.metrics import compute_metrics, format_summary
-from fopro_kd.models.student import EKDStudent, build_student
+from fopro_kd.models.student import EKDStudent
 from fopro_kd.plots import plot_history, plot_per_class_recall, plot_prompt_mask
 from fopro_kd.run_dir import RunDir
 from fopro_kd.seeding import configure_threads, seed_everything, select_device
-from fopro_kd.training.components import build_models, shared_teacher
+from fopro_kd.training.components import build_configured_student, build_models, shared_teacher
 from fopro_kd.training.trainer import LocalTrainer, predict
 
 logger = logging.getLogger("fopro_kd.training")
@@ -63,7 +63,7 @@ def load_student(path: str | Path, cfg: Config) -> tuple[EKDStudent, dict[str, A
             f"checkpoint {path} holds a {payload['arch']!r} student but the config says student.arch "
             f"{cfg.student.arch!r}"
         )
-    student = build_student(cfg.student, int(payload["num_classes"]), payload.get("teacher_dim"))
+    student = build_configured_student(cfg, int(payload["num_classes"]), payload.get("teacher_dim"))
     student.load_state_dict(payload["state_dict"])
     return student, payload
 

@@ -16,6 +16,9 @@ weights α_k (normalised to sum to 1):
    weights only) would under-noise the heaviest client of a non-uniform rule;
 4. θ ← θ + Δ, cast back to each array's dtype.
 
+Arrays of a frozen pretrained backbone (``student.freeze_backbone``; ``public_keys``) are public
+constants: they are outside steps 1-3 and keep the value the server sent.
+
 The noise generator is seeded from the OS (``secrets``) unless ``privacy.noise_seed`` is set
 (tests only: the guarantee is then void and a warning is logged). ε is accounted over the
 aggregated rounds as the subsampled Gaussian mechanism with the client sampling rate
@@ -94,6 +97,10 @@ class CentralDP:
         self.last_norms: dict[int, float] = {}
         self.last_noise_std: float = 0.0
         self.last_clipped: int = 0
+        self.public_keys: frozenset[str] = frozenset()
+        """State keys that no training changes (a frozen pretrained backbone, ``student.freeze_backbone``):
+        they are public, so they are neither in the clipping norm nor noised, and the aggregate keeps the
+        global value (noise on them would only destroy the public features)."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> CentralDP:
@@ -130,7 +137,7 @@ class CentralDP:
             raise ValueError(f"{alpha.shape[0]} weights for {len(replies)} replies")
         alpha = alpha / alpha.sum()
         node_ids = list(node_ids) if node_ids is not None else list(range(len(replies)))
-        float_keys = [k for k, v in reference.items() if _is_float(np.asarray(v))]
+        float_keys = [k for k, v in reference.items() if _is_float(np.asarray(v)) and k not in self.public_keys]
         delta_sum = {k: np.zeros(np.asarray(reference[k]).shape, dtype=np.float64) for k in float_keys}
         self.last_norms = {}
         self.last_clipped = 0
@@ -149,6 +156,8 @@ class CentralDP:
             ref = np.asarray(ref)
             if key in noisy:
                 out[key] = (ref.astype(np.float64) + noisy[key]).astype(ref.dtype)
+            elif key in self.public_keys:  # a frozen public constant: kept as sent, whatever a client replied
+                out[key] = ref.copy()
             else:  # integer / boolean arrays: base rule (element-wise max), not clipped, not noised
                 out[key] = np.maximum.reduce([np.asarray(v[key]) for v in replies]).astype(ref.dtype)
         self.last_noise_std = float(std)
