@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fopro_kd.config import load_config
-from fopro_kd.data import BatchAugment, BatchLoader, build_splits, resize_batch, to_float
+from fopro_kd.data import BatchAugment, BatchLoader, build_splits, resize_batch, to_float_on
 from fopro_kd.data.cache import default_cache_dir
 from fopro_kd.data.dataset import ImageSet
 from fopro_kd.training.components import build_models, shared_teacher
@@ -71,7 +71,7 @@ def _pipeline(data: ImageSet, batch: int, batches: int, augment: BatchAugment, s
         while done < batches:
             for images, labels, _ in loader:
                 if full:
-                    x = to_float(images).to(device, non_blocking=True)
+                    x = to_float_on(images, device)
                     x = augment(x, generator)
                     resize_batch(x, student_size)
                     labels.to(device)

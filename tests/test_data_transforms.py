@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fopro_kd.config import AugmentConfig
-from fopro_kd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, normalize, resize_batch, to_float
+from fopro_kd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, normalize, resize_batch, to_float, to_float_on
 
 _NO_GEOMETRY = dict(affine_scale=(1.0, 1.0), affine_translate=0.0, rotation_degrees=0.0)
 _NO_COLOUR = dict(color_jitter=(0.0, 0.0, 0.0, 0.0))
@@ -29,6 +29,17 @@ def test_to_float_scales_uint8_to_unit_interval():
     assert torch.allclose(y.flatten(), torch.tensor([0.0, 128 / 255, 1.0]))
     with pytest.raises(ValueError, match="uint8"):
         to_float(y)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_to_float_on_converts_on_the_device_with_the_same_values(device: str):
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    y = to_float_on(x, device)
+    assert y.device.type == device and y.dtype == torch.float32
+    assert torch.equal(y.cpu(), to_float(x))
+    with pytest.raises(ValueError, match="uint8"):
+        to_float_on(y, device)
 
 
 def test_resize_batch_shapes_noop_and_uint8():

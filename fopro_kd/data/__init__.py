@@ -24,7 +24,7 @@ from .loaders import (
 )
 from .splits import balanced_group_split, check_splits, concat_imagesets, long_tail_subsample, stratified_group_split
 from .synthetic import SCANNER_STYLES, long_tail_counts, make_synthetic_imageset
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, normalize, resize_batch, to_float
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, normalize, resize_batch, to_float, to_float_on
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -41,6 +41,7 @@ __all__ = [
     "normalize",
     "resize_batch",
     "to_float",
+    "to_float_on",
 ]
 
 logger = logging.getLogger("fopro_kd.data")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fopro_kd.data.dataset import ImageSet
-from fopro_kd.data.transforms import to_float
+from fopro_kd.data.transforms import to_float_on
 from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.training.teacher_view import teacher_targets
 
@@ -35,7 +35,7 @@ class TeacherFeatureCache:
     def __init__(self, teacher: FrozenTeacher, data: ImageSet, batch_size: int, device: torch.device) -> None:
         features = []
         for start in range(0, len(data), batch_size):
-            x = to_float(data.images[start : start + batch_size]).to(device)
+            x = to_float_on(data.images[start : start + batch_size], device)
             features.append(teacher_targets(teacher, x, None, "raw").float().cpu())
         self.features: Tensor = (
             torch.cat(features) if features else torch.zeros(0, teacher.feature_dim, dtype=torch.float32)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fopro_kd.config import Config
 from fopro_kd.data.batches import BatchLoader
 from fopro_kd.data.dataset import ImageSet
-from fopro_kd.data.transforms import BatchAugment, resize_batch, to_float
+from fopro_kd.data.transforms import BatchAugment, resize_batch, to_float_on
 from fopro_kd.losses import EKDLoss, build_classification_loss, representation_loss
 from fopro_kd.models.student import EKDStudent
 from fopro_kd.models.teacher import FrozenTeacher
@@ -234,7 +234,7 @@ class LocalTrainer:
         return result
 
     def _views(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        x = to_float(images).to(self.device, non_blocking=True)
+        x = to_float_on(images, self.device)
         x_aug = self.augment(x, self.generator) if self.cfg.augment.enabled else x
         teacher_in = x_aug if self.cfg.augment.teacher_sees_augmented else x
         student_in = resize_batch(x_aug, self.student_size)
@@ -339,7 +339,7 @@ def predict(student: EKDStudent, data: ImageSet, batch_size: int, device: torch.
     student.eval()
     probs = []
     for start in range(0, len(data), batch_size):
-        x = resize_batch(to_float(data.images[start : start + batch_size]).to(device), input_size)
+        x = resize_batch(to_float_on(data.images[start : start + batch_size], device), input_size)
         with autocast_context(device):
             logits = student(x)
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
@@ -367,7 +367,7 @@ def class_rep_prior(
     counts = np.zeros(student.num_classes, dtype=np.int64)
     size = cfg.student.input_size or cfg.data.image_size
     for start in range(0, len(data), cfg.train.eval_batch_size):
-        x = to_float(data.images[start : start + cfg.train.eval_batch_size]).to(device)
+        x = to_float_on(data.images[start : start + cfg.train.eval_batch_size], device)
         y = data.labels[start : start + cfg.train.eval_batch_size].numpy()
         with autocast_context(device):
             u = student.forward_train(resize_batch(x, size)).projection.float()
