@@ -28,8 +28,8 @@ python3 -c "import torch, timm, opacus; print('torch', torch.__version__, 'timm'
 step demo 150 "${CLI[@]}" train --config configs/demo.yaml --set device=cuda --out "$WORK/demo"
 DP=(--config configs/sim-demo-dp.yaml --set device=cuda --set train.epochs=2 --set federation.local_epochs=2
     --set privacy.planned_rounds=1)
-step dp-full 120 "${CLI[@]}" train "${DP[@]}" --out "$WORK/dp-full"
-step dp-frozen 90 "${CLI[@]}" train "${DP[@]}" --set student.init=teacher --set student.freeze_backbone=true --out "$WORK/dp-frozen"
+step dp-full 120 "${CLI[@]}" train "${DP[@]}" --set student.init=random --set student.freeze_backbone=false --out "$WORK/dp-full"
+step dp-frozen 90 "${CLI[@]}" train "${DP[@]}" --out "$WORK/dp-frozen"  # the config's frozen public backbone
 [ -n "${SKIP_BENCH:-}" ] || step bench-step 200 python3 -m simulations.bench step --device cuda --json "$OUT/bench-step-cuda.json"
 
 for name in demo dp-full dp-frozen; do

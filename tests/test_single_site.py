@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,16 @@ def test_same_run_whether_or_not_obtaining_the_teacher_draws_random_numbers(tmp_
     a, b = best_student(tmp_path / "plain"), best_student(tmp_path / "drawn")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_local_dp_run_reports_the_epsilon_spent_over_all_epochs(tmp_path: Path) -> None:
+    values = tiny_config().to_dict()
+    values["train"].update({"epochs": 2, "method": "bsm"})
+    values["federation"].update({"local_epochs": 2})
+    values["privacy"].update({"mode": "local", "target_epsilon": 8.0, "planned_rounds": 1, "noise_seed": 0})
+    metrics = single_site.train_single_site(config_from_dict(values), tmp_path / "dp", progress=False)
+    with open(tmp_path / "dp" / "history.csv") as handle:
+        eps = [float(row["dp_epsilon"]) for row in csv.DictReader(handle)]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 8.0 + 1e-6
+    assert metrics["privacy"]["dp-epsilon"] == pytest.approx(eps[1])
+    assert metrics["privacy"]["dp-target-epsilon"] == 8.0 and metrics["privacy"]["accountant"] == "rdp"

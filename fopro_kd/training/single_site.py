@@ -117,6 +117,8 @@ def train_single_site(
             "epoch_seconds": train_seconds,
             "images_per_second": result.num_examples / max(train_seconds, 1e-9),
         }
+        if trainer.dp is not None:  # ε spent so far (whole run: the accountant composes the epochs)
+            row["dp_epsilon"] = trainer.dp.metrics()["dp-epsilon"]
         run.append_history(row)
         logger.info("epoch %d/%d  loss %.4f  val bACC %.4f  (%.1f s)", epoch + 1, cfg.train.epochs,
                     result.losses.get("loss", float("nan")), val["balanced_accuracy"], train_seconds)
@@ -143,6 +145,10 @@ def train_single_site(
         "teacher": None if teacher is None else teacher.weights_desc,
         "mean_epoch_seconds": float(np.mean([r["epoch_seconds"] for r in run.history])),
     })
+    if trainer.dp is not None:
+        # every epoch's DP-SGD counts, also those after the selected one: selecting the best
+        # checkpoint on the validation split looked at all of them
+        metrics["privacy"] = {**trainer.dp.metrics(), "accountant": cfg.privacy.accountant}
     prompt_mask = None
     if prompt is not None:
         sample = None if cfg.prompt.param == "free" else teacher.resize(
