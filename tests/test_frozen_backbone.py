@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from pathlib import Path
@@ -140,12 +141,17 @@ def test_central_dp_leaves_public_arrays_out_of_clipping_and_noise() -> None:
     assert float(np.std(out["head"])) > 0.5, "the private head is noised (std 5 x 0.5 x 1)"
 
 
-def test_central_dp_federation_keeps_the_public_backbone(public_weights: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_a_dp_federation_keeps_the_public_backbone(mode: str, public_weights: Path, tmp_path: Path) -> None:
+    """Server and clients build the same frozen-backbone student; the released models keep the public backbone."""
+    privacy = {"mode": mode, "central_noise_multiplier": 2.0, "central_clip_norm": 0.5}
+    if mode == "local":
+        privacy = {"mode": "local", "noise_multiplier": 2.0, "max_grad_norm": 0.5, "noise_seed": 0}
     values = tiny_values(
         student={"init": "teacher", "freeze_backbone": True},
         teacher={"source": "file", "file": str(public_weights)},
         train={"method": "bsm"},
-        privacy={"mode": "central", "central_noise_multiplier": 2.0, "central_clip_norm": 0.5},
+        privacy=privacy,
     )
     cfg = config_from_dict(values)
     apps = {k: make_client_app(cfg, state_root=tmp_path / "state") for k in range(cfg.federation.num_clients)}
@@ -155,5 +161,11 @@ def test_central_dp_federation_keeps_the_public_backbone(public_weights: Path, t
     public = torch.load(public_weights)
     for key, value in public.items():
         assert torch.equal(payload["state_dict"][f"backbone.{key}"], value), key
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["rejected_replies"] == [] and metrics["failed_replies"] == {}, "clients and server must agree"
+    assert metrics["rounds_without_aggregation"] == []
     head = payload["state_dict"]["classifier.weight"]
-    assert float(head.std()) > 0.2, "the head carries the central noise (std 2 x max weight x 0.5)"
+    if mode == "central":
+        assert float(head.std()) > 0.2, "the head carries the central noise (std 2 x max weight x 0.5)"
+    else:
+        assert metrics["dp_epsilon_max"] > 0
