@@ -94,7 +94,7 @@ def test_teacher_init_loads_the_public_weights_and_training_never_moves_them(pub
     cfg = frozen_cfg(public_weights)
     trainer, before = trained(cfg)
     student = trainer.student
-    public = torch.load(public_weights)
+    public = torch.load(public_weights, weights_only=True)
     for key, value in public.items():  # parameters and BatchNorm statistics, before and after training
         assert torch.equal(before[f"backbone.{key}"], value), key
         assert torch.equal(student.state_dict()[f"backbone.{key}"], value), key
@@ -158,7 +158,7 @@ def test_a_dp_federation_keeps_the_public_backbone(mode: str, public_weights: Pa
     with fake_task_identity(run_id=13), preserved_torch_threads():
         run_federation(LocalGrid(apps, run_id=13), cfg, tmp_path / "run")
     payload = load_checkpoint(tmp_path / "run" / "best.pt", expected_format="fopro-kd-student/1")
-    public = torch.load(public_weights)
+    public = torch.load(public_weights, weights_only=True)
     for key, value in public.items():
         assert torch.equal(payload["state_dict"][f"backbone.{key}"], value), key
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
