@@ -116,6 +116,12 @@ def test_dp_student_keeps_the_frozen_public_batchnorm_and_trains_only_the_heads(
     assert {"classifier.weight", "projector.1.weight"} <= changed  # projector.1 = the GroupNorm
     grad_samples = {n for n, p in student.named_parameters() if getattr(p, "grad_sample", None) is not None}
     assert not any(n.startswith("backbone.") for n in grad_samples)
+    # FedProx on top: the proximal term covers the trainable heads; the backbone still does not move
+    global_params = {k: v.clone() for k, v in before.items()}
+    data = make_synthetic_imageset([12, 8, 4], SIZE, seed=1)
+    result = trainer.train(data, epochs=1, max_steps=2, proximal_mu=0.5, global_params=global_params)
+    assert result.num_steps == 2
+    assert not any(k.startswith("backbone.") for k in changed_keys(student, before))
 
 
 def test_a_trainable_batchnorm_is_still_reported_when_the_backbone_is_frozen(public_weights: Path) -> None:

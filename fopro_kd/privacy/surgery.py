@@ -140,9 +140,10 @@ def make_student_private_compatible(student: EKDStudent, *, zero_init_last: bool
     BatchNorm -> GroupNorm everywhere (backbone and projector), no in-place operations, timm
     residual blocks with an out-of-place add. A frozen backbone (``student.freeze_backbone``)
     keeps its BatchNorm: it is in eval mode for good, so it mixes no examples, its statistics are
-    the public pretrained ones, and it has no parameter that needs a per-sample gradient. ``zero_init_last`` re-applies timm's zero
-    initialisation of the last norm layer of each residual block (what a random-init timm
-    ResNet has; ``ModuleValidator.fix`` resets it to 1). Idempotent.
+    the public pretrained ones, and it has no parameter that needs a per-sample gradient.
+    ``zero_init_last`` re-applies timm's zero initialisation of the last norm layer of each
+    residual block (what a random-init timm ResNet has; ``ModuleValidator.fix`` resets it to 1).
+    Idempotent.
 
     Raises
     ------

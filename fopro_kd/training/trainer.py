@@ -191,7 +191,9 @@ class LocalTrainer:
         if proximal_mu > 0:
             if global_params is None:
                 raise ValueError("proximal_mu > 0 needs global_params")
-            anchor = {k: v.detach().to(self.device) for k, v in global_params.items()}
+            trainable = {name for name, p in self.student.named_parameters() if p.requires_grad}
+            # frozen parameters never move from the global value: no proximal term to compute every step
+            anchor = {k: v.detach().to(self.device) for k, v in global_params.items() if k in trainable}
         if self.dp is not None:  # Poisson sampling, budget check, DP optimizers
             loader = self.dp.batch_loader(data, epochs, max_steps)
         else:
