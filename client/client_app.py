@@ -300,7 +300,7 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
     torch.manual_seed(int(cfg.seed))  # a random test teacher ('teacher.source: none') is then the same everywhere
     teacher = shared_teacher(cfg)
     torch.manual_seed(int(cfg.seed) * 1000 + spec.site_id)  # the first round's prompt / heads init
-    student, prompt = build_models(cfg, data.train.num_classes, teacher)
+    student, prompt = build_models(cfg, data.train.num_classes, teacher, load_weights=False)  # global arrays next
     _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
     mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
     # FedProx' anchor: the global student as received (restored to fp32), before any local step
@@ -384,7 +384,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
         )
     spec, data = _site(context, cfg)
     device = select_device(cfg.device)
-    student = build_global_student(cfg, data.train.num_classes)
+    student = build_global_student(cfg, data.train.num_classes, load_weights=False)
     _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
     correct, total = class_correct_counts(student.to(device), data.local_test, cfg, device)
     n = int(sum(total))

@@ -24,7 +24,7 @@ from fopro_kd.data.dataset import ImageSet
 from fopro_kd.metrics import shot_groups
 from fopro_kd.models.student import EKDStudent
 from fopro_kd.models.teacher import create_timm_model, feature_dim_of
-from fopro_kd.training.components import build_configured_student, uses_teacher
+from fopro_kd.training.components import build_federated_student, uses_teacher
 from fopro_kd.training.trainer import predict
 
 __all__ = ["build_global_student", "class_correct_counts", "site_metrics_from_counts", "teacher_feature_dim"]
@@ -46,20 +46,19 @@ def teacher_feature_dim(cfg: Config) -> int | None:
     return _feature_dim(cfg.teacher.arch, tuple(sorted(cfg.teacher.model_kwargs.items())))
 
 
-def build_global_student(cfg: Config, num_classes: int, seed: int | None = None) -> EKDStudent:
+def build_global_student(
+    cfg: Config, num_classes: int, seed: int | None = None, load_weights: bool = True
+) -> EKDStudent:
     """The federated student (heads included) as every site builds it; seeded for the initial model.
 
     With ``privacy.mode`` ``local`` or ``central`` this is the DP (GroupNorm, out-of-place)
     student of :func:`fopro_kd.privacy.build_dp_student`, the architecture every client's
     :func:`~fopro_kd.training.components.build_models` trains in DP mode (docs/privacy.md).
+    ``load_weights=False``: architecture only (the caller loads the global arrays into it).
     """
     if seed is not None:
         torch.manual_seed(int(seed))
-    if cfg.privacy.mode != "off":
-        from fopro_kd.privacy.surgery import build_dp_student
-
-        return build_dp_student(cfg, num_classes, teacher_feature_dim(cfg))
-    return build_configured_student(cfg, num_classes, teacher_feature_dim(cfg))
+    return build_federated_student(cfg, num_classes, teacher_feature_dim(cfg), load_weights=load_weights)
 
 
 def class_correct_counts(

@@ -43,12 +43,14 @@ def aggregate_one_round(strategy: Any, reference: dict[str, np.ndarray], replies
 
     Call it inside :func:`fake_task_identity`: Flower builds messages only inside a run.
     """
-    ref = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in reference.items()})
+    def record(values: dict[str, np.ndarray]) -> ArrayRecord:
+        return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in values.items()})
+
+    ref = record(reference)
     strategy.set_reference(ref)
     sent = [Message(RecordDict({"arrays": ref}), dst_node_id=20 + i, message_type="train") for i in range(len(replies))]
     answers = [
-        Message(RecordDict({"arrays": ArrayRecord({k: Array(np.array(v, order="C")) for k, v in values.items()}),
-                            "metrics": MetricRecord({"num-examples": weight})}), reply_to=message)
+        Message(RecordDict({"arrays": record(values), "metrics": MetricRecord({"num-examples": weight})}), reply_to=message)
         for message, values, weight in zip(sent, replies, weights)
     ]
     arrays, _ = strategy.aggregate_train(1, answers)

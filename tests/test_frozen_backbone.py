@@ -20,7 +20,8 @@ from fopro_kd.checkpoint import load_checkpoint
 from fopro_kd.config import Config, ConfigError, config_from_dict
 from fopro_kd.data import make_synthetic_imageset
 from fopro_kd.privacy.surgery import private_compatibility_problems
-from fopro_kd.training.components import build_models, shared_teacher
+from fopro_kd.models.student import StudentLoadError
+from fopro_kd.training.components import build_configured_student, build_models, shared_teacher
 from fopro_kd.training.trainer import LocalTrainer
 from server.server_app import run_federation
 from server.strategies.base import ValidatedWeightedAvg
@@ -102,6 +103,22 @@ def test_teacher_init_loads_the_public_weights_and_training_never_moves_them(pub
     assert student.training and not student.backbone.training, "a frozen backbone stays in eval mode"
     assert {"classifier.weight", "aux_classifier.weight", "projector.0.weight"} <= changed_keys(student, before)
     assert student.frozen_state_keys() == {f"backbone.{k}" for k in public}
+
+
+def test_architecture_only_build_reads_no_weights_and_matches_the_loaded_student(public_weights: Path) -> None:
+    """What a client (global arrays next) or a checkpoint evaluation builds: no file read, same keys and
+    normalisation, so the full state dict of the weight-loaded student fits it exactly."""
+    loaded_cfg = frozen_cfg(public_weights, teacher={"mean": (0.4, 0.5, 0.6), "std": (0.2, 0.3, 0.4)})
+    missing_cfg = frozen_cfg(public_weights.parent / "not-there.pth", teacher={"mean": (0.4, 0.5, 0.6),
+                                                                               "std": (0.2, 0.3, 0.4)})
+    loaded = build_configured_student(loaded_cfg, 3, 16)
+    bare = build_configured_student(missing_cfg, 3, 16, load_weights=False)
+    assert torch.equal(bare.mean, loaded.mean) and torch.equal(bare.std, loaded.std)
+    assert bare.mean.flatten().tolist() == pytest.approx([0.4, 0.5, 0.6])
+    bare.load_state_dict(loaded.state_dict())  # strict: same keys and shapes
+    assert bare.backbone_frozen and not any(p.requires_grad for p in bare.backbone.parameters())
+    with pytest.raises(StudentLoadError, match="teacher.file"):
+        build_configured_student(missing_cfg, 3, 16)
 
 
 def test_dp_student_keeps_the_frozen_public_batchnorm_and_trains_only_the_heads(public_weights: Path) -> None:

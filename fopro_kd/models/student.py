@@ -169,6 +169,7 @@ def build_student(
     *,
     teacher: TeacherConfig | None = None,
     demo_teacher_file: str | None = None,
+    load_weights: bool = True,
 ) -> EKDStudent:
     """Build the student described by ``cfg`` (see :class:`~fopro_kd.config.StudentConfig`).
 
@@ -178,7 +179,9 @@ def build_student(
     (``teacher``; ``demo_teacher_file`` for ``teacher.source: demo``), with the teacher's model
     kwargs and normalisation. ``init: random`` never touches the network. With pretrained weights the
     input is normalised with the statistics of the weights' own pretrained config; a random
-    student uses ImageNet statistics.
+    student uses ImageNet statistics. ``load_weights=False`` builds the same architecture and
+    normalisation without reading any weights, for callers that load a whole state dict next (a
+    client receiving the global model, a checkpoint being evaluated).
 
     Raises
     ------
@@ -193,24 +196,29 @@ def build_student(
             logger.warning("student.weights_file is ignored because student.init is 'random'")
         source = "none"
     elif cfg.init == "teacher":
-        source, file = _teacher_weights(cfg, teacher, demo_teacher_file)
+        source, file = _teacher_weights(cfg, teacher, demo_teacher_file, need_file=load_weights)
+        assert teacher is not None  # _teacher_weights raised otherwise
         prefix, field = "teacher", "file"  # a bad teacher file is fixed in the teacher section
-        model_kwargs = dict(teacher.model_kwargs) if teacher is not None else {}
-        if teacher is not None and teacher.mean is not None:
+        model_kwargs = dict(teacher.model_kwargs)
+        if teacher.mean is not None:
             overlay["mean"] = tuple(teacher.mean)
-        if teacher is not None and teacher.std is not None:
+        if teacher.std is not None:
             overlay["std"] = tuple(teacher.std)
     else:
         raise StudentLoadError(f"'student.init' must be 'random', 'imagenet' or 'teacher', got {cfg.init!r}")
     if cfg.freeze_backbone and source == "none":
         raise StudentLoadError("'student.freeze_backbone' needs pretrained weights ('student.init' imagenet or teacher)")
+    pretrained_init = source != "none"
     backbone, desc = create_timm_model(
-        cfg.arch, source=source, file=file, overlay=overlay, model_kwargs=model_kwargs, prefix=prefix,
-        file_field=field, error_cls=StudentLoadError,
+        cfg.arch, source=source if load_weights else "none", file=file, overlay=overlay, model_kwargs=model_kwargs,
+        prefix=prefix, file_field=field, error_cls=StudentLoadError,
     )
-    pretrained = dict(getattr(backbone, "pretrained_cfg", None) or {})
-    mean = pretrained.get("mean") if source != "none" else None
-    std = pretrained.get("std") if source != "none" else None
+    if not load_weights:
+        desc = "not loaded (the caller loads a full state dict)"
+    # the weights' normalisation: timm's pretrained config of the architecture, with the overlay
+    pretrained = {**dict(getattr(backbone, "pretrained_cfg", None) or {}), **overlay}
+    mean = pretrained.get("mean") if pretrained_init else None
+    std = pretrained.get("std") if pretrained_init else None
     logger.info("student %s (%s): weights %s", cfg.arch, cfg.init, desc)
     return EKDStudent(
         backbone,
@@ -225,9 +233,9 @@ def build_student(
 
 
 def _teacher_weights(
-    cfg: StudentConfig, teacher: TeacherConfig | None, demo_teacher_file: str | None
+    cfg: StudentConfig, teacher: TeacherConfig | None, demo_teacher_file: str | None, need_file: bool
 ) -> tuple[str, str | None]:
-    """(source, file) of the teacher's weights, for ``init: teacher``."""
+    """(source, file) of the teacher's weights, for ``init: teacher`` (``need_file``: they will be read)."""
     if teacher is None:
         raise StudentLoadError("'student.init' is 'teacher' but no teacher config was given to build the student from")
     if cfg.arch != teacher.arch:
@@ -235,7 +243,7 @@ def _teacher_weights(
             f"'student.init' is 'teacher' but student.arch {cfg.arch!r} differs from teacher.arch {teacher.arch!r}"
         )
     if teacher.source == "demo":
-        if not demo_teacher_file:
+        if need_file and not demo_teacher_file:
             raise StudentLoadError("'student.init' is 'teacher' with 'teacher.source: demo' but no demo teacher file")
         return "file", demo_teacher_file
     if teacher.source == "file":

@@ -215,14 +215,14 @@ def is_private_compatible(model: nn.Module) -> bool:
     return not private_compatibility_problems(model)
 
 
-def build_dp_student(cfg: Config, num_classes: int, teacher_dim: int | None) -> EKDStudent:
+def build_dp_student(cfg: Config, num_classes: int, teacher_dim: int | None, load_weights: bool = True) -> EKDStudent:
     """The DP student every participant builds: :func:`build_student` then the conversion.
 
     Seed torch before calling it (as for ``build_student``) to get the same initial weights.
     """
     from fopro_kd.training.components import build_configured_student
 
-    student = build_configured_student(cfg, num_classes, teacher_dim)
+    student = build_configured_student(cfg, num_classes, teacher_dim, load_weights=load_weights)
     return make_student_private_compatible(student, zero_init_last=cfg.student.init == "random")
 
 

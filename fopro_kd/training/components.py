@@ -50,25 +50,43 @@ def clear_teacher_cache() -> None:
         _TEACHERS.clear()
 
 
-def build_configured_student(cfg: Config, num_classes: int, teacher_dim: int | None) -> EKDStudent:
-    """:func:`build_student` with what ``student.init: teacher`` needs from the teacher section."""
+def build_configured_student(
+    cfg: Config, num_classes: int, teacher_dim: int | None, load_weights: bool = True
+) -> EKDStudent:
+    """:func:`build_student` with what ``student.init: teacher`` needs from the teacher section.
+
+    ``load_weights=False``: architecture only, for callers that load a whole state dict next
+    (no weights file read, no demo teacher pretrained on a cache miss).
+    """
     demo_file = None
-    if cfg.student.init == "teacher" and cfg.teacher.source == "demo":
+    if load_weights and cfg.student.init == "teacher" and cfg.teacher.source == "demo":
         demo_file = str(demo_teacher_path(cfg))
-    return build_student(cfg.student, num_classes, teacher_dim, teacher=cfg.teacher, demo_teacher_file=demo_file)
+    return build_student(cfg.student, num_classes, teacher_dim, teacher=cfg.teacher, demo_teacher_file=demo_file,
+                         load_weights=load_weights)
+
+
+def build_federated_student(
+    cfg: Config, num_classes: int, teacher_dim: int | None, load_weights: bool = True
+) -> EKDStudent:
+    """The student every participant builds for ``cfg``: with DP on, the converted student of
+    :func:`fopro_kd.privacy.build_dp_student` (what the federation aggregates, docs/privacy.md)."""
+    if cfg.privacy.mode != "off":
+        from fopro_kd.privacy.surgery import build_dp_student
+
+        return build_dp_student(cfg, num_classes, teacher_dim, load_weights=load_weights)
+    return build_configured_student(cfg, num_classes, teacher_dim, load_weights=load_weights)
 
 
 def build_models(
-    cfg: Config, num_classes: int, teacher: FrozenTeacher | None
+    cfg: Config, num_classes: int, teacher: FrozenTeacher | None, load_weights: bool = True
 ) -> tuple[EKDStudent, FourierPrompt | None]:
-    """A fresh student (with EKD heads when a teacher is used) and, for fopro-kd, a prompt."""
-    teacher_dim = teacher.feature_dim if teacher is not None else None
-    if cfg.privacy.mode != "off":  # DP: the GroupNorm student every participant aggregates (docs/privacy.md)
-        from fopro_kd.privacy.surgery import build_dp_student
+    """A fresh student (with EKD heads when a teacher is used) and, for fopro-kd, a prompt.
 
-        student = build_dp_student(cfg, num_classes, teacher_dim)
-    else:
-        student = build_configured_student(cfg, num_classes, teacher_dim)
+    ``load_weights=False`` skips reading the student's pretrained weights (a client that loads
+    the global model into it next).
+    """
+    teacher_dim = teacher.feature_dim if teacher is not None else None
+    student = build_federated_student(cfg, num_classes, teacher_dim, load_weights=load_weights)
     prompt = None
     if cfg.train.method == "fopro-kd":
         if teacher is None:

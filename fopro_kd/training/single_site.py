@@ -63,7 +63,7 @@ def load_student(path: str | Path, cfg: Config) -> tuple[EKDStudent, dict[str, A
             f"checkpoint {path} holds a {payload['arch']!r} student but the config says student.arch "
             f"{cfg.student.arch!r}"
         )
-    student = build_configured_student(cfg, int(payload["num_classes"]), payload.get("teacher_dim"))
+    student = build_configured_student(cfg, int(payload["num_classes"]), payload.get("teacher_dim"), load_weights=False)
     student.load_state_dict(payload["state_dict"])
     return student, payload
 
