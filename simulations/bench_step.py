@@ -74,7 +74,7 @@ def step_config(size: int, batch: int, method: str, akd: str, teacher_arch: str 
         "data": {"kind": "synthetic", "image_size": size, "num_classes": len(HAM_COUNTS)},
         "student": {"arch": "resnet18", "init": "random"},
         "teacher": teacher_section(teacher_arch, size),
-        "augment": {"enabled": augment, "teacher_sees_augmented": False},
+        "augment": {"enabled": augment, "teacher_view": "clean"},
         "akd": {"mode": akd, "prompt_every": prompt_every},
         "train": {"method": method, "loss": "bsm", "batch_size": batch, "cache_teacher_features": cache},
     })

@@ -113,21 +113,30 @@ class BatchAugment:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Augment a float (N, 3, H, W) batch in [0, 1]; all randomness comes from ``generator``."""
+        return self.with_flip_views(x, generator)[0]
+
+    def with_flip_views(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented batch and each image's flip view ``hflip + 2 * vflip`` (int64, on the CPU).
+
+        The view index lets the teacher see the student's flips on the clean image
+        (``augment.teacher_view: flips``) and lets cached teacher features be looked up per view.
+        """
         if not self.cfg.enabled:
-            return x
+            return x, torch.zeros(x.shape[0], dtype=torch.int64)
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
             raise ValueError(
                 f"BatchAugment expects a float (N, 3, H, W) batch in [0, 1], got {x.dtype} {tuple(x.shape)}"
             )
         n = x.shape[0]
         if n == 0:
-            return x
+            return x, torch.zeros(0, dtype=torch.int64)
         draws = self._draw(n, generator)
+        views = draws["hflip"].long() + 2 * draws["vflip"].long()
         draws = {k: v.to(x.device, x.dtype if v.is_floating_point() else v.dtype) for k, v in draws.items()}
         x = self._geometric(x, draws)
         x = self._colour(x, draws)
         x = self._flip(x, draws)
-        return x.clamp_(0.0, 1.0)
+        return x.clamp_(0.0, 1.0), views
 
     # ------------------------------------------------------------------ random parameters
 

@@ -25,6 +25,7 @@ from fopro_kd.models.student import EKDStudent
 from fopro_kd.plots import plot_history, plot_per_class_recall, plot_prompt_mask
 from fopro_kd.run_dir import RunDir
 from fopro_kd.seeding import configure_threads, seed_everything, select_device
+from fopro_kd.stats import PREDICTIONS_FILE, save_predictions
 from fopro_kd.training.components import build_configured_student, build_models, shared_teacher
 from fopro_kd.training.trainer import LocalTrainer, predict
 
@@ -38,6 +39,22 @@ def evaluate_student(
 ) -> dict[str, Any]:
     probs = predict(student, data, cfg.train.eval_batch_size, device, cfg.student.input_size or cfg.data.image_size)
     return compute_metrics(data.labels.numpy(), probs, data.class_names, train_counts, cfg.metrics)
+
+
+def evaluate_and_save_predictions(
+    student: EKDStudent, data: ImageSet, train_counts: np.ndarray, cfg: Config, device: torch.device,
+    path: str | Path,
+) -> dict[str, Any]:
+    """:func:`evaluate_student` that also writes the image ids, labels and class probabilities to ``path``.
+
+    The saved predictions are what the paired statistics (:mod:`fopro_kd.stats`, the benchmark
+    script, ``fopro-kd report``) resample: two runs on the same test images can then be compared
+    image by image instead of only by their summary scores.
+    """
+    probs = predict(student, data, cfg.train.eval_batch_size, device, cfg.student.input_size or cfg.data.image_size)
+    labels = data.labels.numpy()
+    save_predictions(path, data.ids, labels, probs, data.class_names)
+    return compute_metrics(labels, probs, data.class_names, train_counts, cfg.metrics)
 
 
 def student_checkpoint(
@@ -134,16 +151,21 @@ def train_single_site(
                                    {"epoch": epoch + 1, "val_balanced_accuracy": float(val["balanced_accuracy"]),
                                     "prompt_state": best["prompt"]}),
             )
+    # the last epoch's test score too: model selection on a small validation split is itself an
+    # ablation (docs/results.md); the selected checkpoint stays the reported one
+    last_epoch = evaluate_student(student, splits.test, train_counts, cfg, device)
     student.load_state_dict(best["state"])
     if prompt is not None and best["prompt"] is not None:
         prompt.load_state_dict(best["prompt"])
-    metrics = evaluate_student(student, splits.test, train_counts, cfg, device)
+    metrics = evaluate_and_save_predictions(student, splits.test, train_counts, cfg, device,
+                                            run.resolve(PREDICTIONS_FILE))
     metrics.update({
         "method": cfg.train.method,
         "best_epoch": best["epoch"],
         "val_balanced_accuracy": best["score"],
         "teacher": None if teacher is None else teacher.weights_desc,
         "mean_epoch_seconds": float(np.mean([r["epoch_seconds"] for r in run.history])),
+        "last_epoch": {key: last_epoch[key] for key in ("balanced_accuracy", "per_class_recall")},
     })
     if trainer.dp is not None:
         # every epoch's DP-SGD counts, also those after the selected one: selecting the best

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fopro_kd.config import Config
+from fopro_kd.config import Config, feature_cache_problem
 from fopro_kd.data.batches import BatchLoader
 from fopro_kd.data.dataset import ImageSet
 from fopro_kd.data.transforms import BatchAugment, resize_batch, to_float_on
@@ -25,7 +25,7 @@ from fopro_kd.losses import EKDLoss, build_classification_loss, representation_l
 from fopro_kd.models.student import EKDStudent
 from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.prompt import FourierPrompt
-from fopro_kd.training.feature_cache import TeacherFeatureCache, feature_cache_problem
+from fopro_kd.training.feature_cache import TeacherFeatureCache, apply_flip_view
 from fopro_kd.training.teacher_view import teacher_features, teacher_targets
 
 
@@ -114,6 +114,7 @@ class LocalTrainer:
             prior = self.class_counts / max(1, self.class_counts.sum())
             self._log_prior = torch.log(torch.as_tensor(prior, dtype=torch.float32) + 1e-12).to(device)
         self.feature_cache: TeacherFeatureCache | None = None
+        self.two_stage = self.prompt is not None and cfg.prompt.schedule == "two_stage"
         self.epochs_done = 0
         self.dp = None  # privacy.mode local: DP-SGD state (fopro_kd/privacy/local_dp.py, docs/privacy.md)
         if cfg.privacy.mode == "local":
@@ -153,11 +154,29 @@ class LocalTrainer:
             self.dp.load_state_dict(state.get("privacy"))
 
     # ------------------------------------------------------------------ training
+    @property
+    def exploring(self) -> bool:
+        """``prompt.schedule: two_stage`` and still in its exploration stage (the prompt trains online)."""
+        return self.two_stage and self.epochs_done < self.cfg.prompt.explore_epochs
+
     def enable_feature_cache(self, data: ImageSet) -> None:
-        problem = feature_cache_problem(self.method, self.cfg.augment.teacher_sees_augmented, self.cfg.augment.enabled)
+        """Compute the (prompted) teacher's targets once per image and view (feature_cache.py).
+
+        With ``two_stage`` this is where the prompt is frozen: it never trains again in this
+        trainer, so every later target is exactly the cached one.
+        """
+        problem = feature_cache_problem(self.cfg)
         if problem is not None:
             raise ValueError(f"train.cache_teacher_features cannot be used: {problem}")
-        self.feature_cache = TeacherFeatureCache(self.teacher, data, self.cfg.train.eval_batch_size, self.device)
+        if self.prompt is not None:
+            self.prompt.requires_grad_(False)
+            self.prompt.eval()
+        view_set = "clean" if not self.cfg.augment.enabled or self.cfg.augment.teacher_view == "clean" else "flips"
+        self.feature_cache = TeacherFeatureCache(
+            self.teacher, data, self.cfg.train.eval_batch_size, self.device, prompt=self.prompt,
+            domain=self.cfg.prompt.domain, view_set=view_set, dtype=self.cfg.train.cache_dtype,
+            max_gb=self.cfg.train.max_cache_gb,
+        )
 
     def train(
         self,
@@ -177,8 +196,6 @@ class LocalTrainer:
         """
         if len(data) == 0:
             raise ValueError("cannot train on an empty dataset")
-        if self.cfg.train.cache_teacher_features and self.teacher is not None and self.feature_cache is None:
-            self.enable_feature_cache(data)
         if self.feature_cache is not None and self.feature_cache.num_images != len(data):
             raise ValueError("the teacher feature cache was built for another dataset")
         total_epochs = total_epochs or (self.epochs_done + epochs)
@@ -200,9 +217,13 @@ class LocalTrainer:
             loader = BatchLoader(data, self.cfg.train.batch_size, shuffle=True, seed=int(self.cfg.seed), drop_last=False)
         bar = _progress(epochs * len(loader), progress, "train")
         for _ in range(epochs):
+            wants_cache = self.cfg.train.cache_teacher_features or self.two_stage
+            if wants_cache and self.teacher is not None and self.feature_cache is None and not self.exploring:
+                self.enable_feature_cache(data)  # two_stage: exploration is over, the prompt freezes here
             loader.set_epoch(self.epochs_done)
             self.classification.set_epoch(self.epochs_done, total_epochs)
-            prompt_active = self.akd_mode != "off" and self.epochs_done >= self.cfg.akd.warmup_epochs
+            prompt_active = (self.akd_mode != "off" and self.epochs_done >= self.cfg.akd.warmup_epochs
+                             and self.feature_cache is None)
             for images, labels, indices in loader:
                 train_prompt = prompt_active and result.num_steps % self.cfg.akd.prompt_every == 0
                 if self.dp is not None:  # no BatchNorm in DP mode; an empty Poisson batch still makes a (noise) step
@@ -235,19 +256,27 @@ class LocalTrainer:
             self.dp.finish(result, data, track_class_rep)  # per-class statistics never leave raw
         return result
 
-    def _views(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _views(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Student input, teacher input (``augment.teacher_view``) and each image's flip view."""
         x = to_float_on(images, self.device)
-        x_aug = self.augment(x, self.generator) if self.cfg.augment.enabled else x
-        teacher_in = x_aug if self.cfg.augment.teacher_sees_augmented else x
+        x_aug, views = self.augment.with_flip_views(x, self.generator)
+        teacher_view = self.cfg.augment.teacher_view
+        if teacher_view == "augmented":
+            teacher_in = x_aug
+        elif teacher_view == "flips":
+            teacher_in = apply_flip_view(x, views)
+        else:
+            teacher_in = x
+            views = torch.zeros_like(views)
         student_in = resize_batch(x_aug, self.student_size)
         if self.device.type == "cuda":
             student_in = student_in.contiguous(memory_format=torch.channels_last)
-        return student_in, teacher_in
+        return student_in, teacher_in, views
 
     def _step(self, images, labels, indices, train_prompt, anchor, proximal_mu, result) -> dict[str, float]:
         self.student.train()
         y = labels.to(self.device)
-        student_in, teacher_in = self._views(images)
+        student_in, teacher_in, views = self._views(images)
         terms: dict[str, float] = {}
         targets = None
         if self.teacher is not None:
@@ -256,7 +285,7 @@ class LocalTrainer:
                 targets, prompt_terms = prompt_steps(student_in, teacher_in, y)
                 terms.update(prompt_terms)
             elif self.feature_cache is not None:
-                targets = self.feature_cache.lookup(indices).to(self.device)
+                targets = self.feature_cache.lookup(indices, views).to(self.device)
             else:
                 with autocast_context(self.device):
                     targets = teacher_targets(self.teacher, teacher_in, self.prompt, self.cfg.prompt.domain)

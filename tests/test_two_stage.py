@@ -1,0 +1,141 @@
+"""Two-stage FoPro-KD: exploration online, then a frozen prompt and cached T(FPG(v(x))) targets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fopro_kd.config import Config, ConfigError, config_from_dict
+from fopro_kd.data import make_synthetic_imageset
+from fopro_kd.data.transforms import to_float
+from fopro_kd.models.student import build_student
+from fopro_kd.models.teacher import build_teacher
+from fopro_kd.prompt import build_prompt
+from fopro_kd.training.feature_cache import apply_flip_view
+from fopro_kd.training.teacher_view import teacher_targets
+from fopro_kd.training.trainer import LocalTrainer
+
+SIZE = 32
+FLIPS_ONLY = {"affine_scale": [1.0, 1.0], "affine_translate": 0.0, "rotation_degrees": 0.0,
+              "color_jitter": [0.0, 0.0, 0.0, 0.0], "teacher_view": "flips"}
+
+
+def cfg_of(**sections) -> Config:
+    values = {
+        "data": {"image_size": SIZE, "num_classes": 3},
+        "student": {"arch": "test_resnet"},
+        "teacher": {"arch": "test_resnet", "source": "none", "input_size": SIZE},
+        "train": {"batch_size": 8, "epochs": 3, "method": "fopro-kd"},
+        "augment": dict(FLIPS_ONLY),
+    }
+    for key, val in sections.items():
+        values.setdefault(key, {}).update(val)
+    return config_from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic_imageset([12, 8, 4], SIZE, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return build_teacher(cfg_of().teacher)
+
+
+def structured_prompt(cfg: Config):
+    """A prompt far from the identity (so that a cache that ignored it would be caught)."""
+    prompt = build_prompt(cfg.prompt, SIZE)
+    with torch.no_grad():
+        for p in prompt.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    return prompt
+
+
+def make_trainer(cfg: Config, data, teacher, prompt) -> LocalTrainer:
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg.student, 3, teacher.feature_dim)
+    return LocalTrainer(cfg, student, teacher, prompt, data.class_counts(), torch.device("cpu"))
+
+
+def test_cache_is_exactly_the_prompted_teacher_for_every_view(data, teacher) -> None:
+    cfg = cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 0}, akd={"mode": "off"})
+    prompt = structured_prompt(cfg)
+    trainer = make_trainer(cfg, data, teacher, prompt)
+    trainer.enable_feature_cache(data)
+    cache = trainer.feature_cache
+    assert cache is not None and cache.num_views == 4
+    idx = torch.tensor([0, 5, 17, 23])
+    x = to_float(data.images[idx])
+    identity = teacher_targets(teacher, x, None, "raw")
+    for view in range(4):
+        views = torch.full((len(idx),), view)
+        online = teacher_targets(teacher, apply_flip_view(x, views), prompt, "raw")
+        assert (cache.lookup(idx, views) - online).abs().max().item() < 1e-5
+    # the prompt is in the targets: they differ from the un-prompted teacher's
+    assert (cache.lookup(idx, torch.zeros(len(idx), dtype=torch.long)) - identity).abs().max().item() > 1e-3
+
+
+def test_float16_cache_is_close_and_half_the_size(data, teacher) -> None:
+    cfg = cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 0}, akd={"mode": "off"},
+                 train={"cache_dtype": "float16"})
+    trainer = make_trainer(cfg, data, teacher, structured_prompt(cfg))
+    trainer.enable_feature_cache(data)
+    full = make_trainer(cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 0}, akd={"mode": "off"}),
+                        data, teacher, structured_prompt(cfg))
+    full.enable_feature_cache(data)
+    assert trainer.feature_cache.nbytes * 2 == full.feature_cache.nbytes
+    idx = torch.arange(len(data))
+    diff = trainer.feature_cache.lookup(idx) - full.feature_cache.lookup(idx)
+    assert diff.abs().max().item() < 1e-2 * full.feature_cache.lookup(idx).abs().max().item()
+
+
+def test_cached_and_online_runs_give_the_same_losses(data, teacher) -> None:
+    """Same frozen prompt, same seed: the cache changes where the target comes from, not what it is."""
+    cached_cfg = cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 0}, akd={"mode": "off"})
+    online_cfg = cfg_of(akd={"mode": "off"})
+    cached = make_trainer(cached_cfg, data, teacher, structured_prompt(cached_cfg))
+    online = make_trainer(online_cfg, data, teacher, structured_prompt(online_cfg))
+    for steps in (1, 2):
+        a = cached.train(data, epochs=1, max_steps=steps)
+        b = online.train(data, epochs=1, max_steps=steps)
+        assert cached.feature_cache is not None and online.feature_cache is None
+        for key in ("loss", "loss_rep", "loss_main"):
+            if key in a.losses:
+                assert a.losses[key] == pytest.approx(b.losses[key], abs=1e-5), key
+
+
+def test_prompt_trains_while_exploring_then_freezes(data, teacher) -> None:
+    cfg = cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 1, "lr": 0.05}, akd={"mode": "discriminative"})
+    prompt = build_prompt(cfg.prompt, SIZE)
+    trainer = make_trainer(cfg, data, teacher, prompt)
+    start = copy.deepcopy(prompt.state_dict())
+    trainer.train(data, epochs=1)
+    assert trainer.feature_cache is None  # still online during exploration
+    explored = copy.deepcopy(prompt.state_dict())
+    assert any(not torch.equal(start[k], explored[k]) for k in start), "the prompt did not train while exploring"
+    result = trainer.train(data, epochs=2)
+    assert trainer.feature_cache is not None
+    assert all(torch.equal(explored[k], prompt.state_dict()[k]) for k in explored), "the prompt moved after freezing"
+    assert "prompt_reg" not in result.losses  # no prompt step after exploration
+
+
+def test_two_stage_bad_input_is_refused_at_load() -> None:
+    with pytest.raises(ConfigError, match="explore_epochs"):
+        cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 3})
+    with pytest.raises(ConfigError, match="teacher_view"):
+        cfg_of(prompt={"schedule": "two_stage"}, augment={"teacher_view": "augmented"})
+    with pytest.raises(ConfigError, match="fopro-kd"):
+        cfg_of(prompt={"schedule": "two_stage"}, train={"method": "ekd"})
+
+
+def test_cache_over_the_memory_limit_is_refused_before_training(data, teacher) -> None:
+    cfg = cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 0}, akd={"mode": "off"},
+                 train={"max_cache_gb": 1e-9})
+    trainer = make_trainer(cfg, data, teacher, structured_prompt(cfg))
+    before = copy.deepcopy(trainer.student.state_dict())
+    with pytest.raises(ValueError, match="max_cache_gb"):
+        trainer.train(data, epochs=1)
+    assert all(torch.equal(before[k], v) for k, v in trainer.student.state_dict().items())
