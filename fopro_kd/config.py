@@ -62,8 +62,9 @@ class DataConfig:
 class SplitConfig:
     """Train/val/test protocol: group-aware and balanced held-out sets, as in the FoPro-KD paper."""
 
-    mode: Literal["balanced", "stratified", "predefined"] = "balanced"
-    """``balanced``: fixed count per class in val/test; ``stratified``: fractions; ``predefined``: from CSVs / split file."""
+    mode: Literal["balanced", "stratified", "predefined", "kfold"] = "balanced"
+    """``balanced``: fixed count per class in val/test; ``stratified``: fractions; ``predefined``: from CSVs / split file;
+    ``kfold``: group-aware stratified k-fold, fold ``split.fold`` is the test set (see ``folds``)."""
     val_per_class: int = 20
     test_per_class: int = 50
     max_holdout_fraction: float = 0.5
@@ -73,6 +74,13 @@ class SplitConfig:
     train_imbalance_factor: float | None = None
     """Long-tail subsampling of the training split (n_i = n_max * IF^(-i/(C-1))); ``None`` keeps it as is."""
     seed: int = 0
+    folds: int = 5
+    """``mode: kfold``: number of folds (>= 2); whole groups (lesions) per fold, stratified by class. Fold
+    assignment and the validation draw depend on ``split.seed`` only, never on the run seed, so every method
+    and seed of a comparison is tested on the same images."""
+    fold: int = 0
+    """``mode: kfold``: the fold used as test set (0 .. folds-1); val = ``val_per_class`` per class (capped by
+    ``max_holdout_fraction``) drawn by whole groups from the other folds, the rest is train."""
 
 
 @dataclass
@@ -86,8 +94,11 @@ class AugmentConfig:
     color_jitter: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.01)
     hflip: bool = True
     vflip: bool = True
-    teacher_sees_augmented: bool = True
-    """The teacher sees the student's augmented view (EKD); ``False`` gives it the clean image."""
+    teacher_view: Literal["augmented", "flips", "clean"] = "augmented"
+    """What the teacher sees of each training image: ``augmented``, the student's augmented view
+    (before the student's resize); ``flips``, the clean image with the student's flips only (one of
+    four views, so its features can be cached: exact when flips are the only augmentation);
+    ``clean``, the un-augmented image (one view)."""
 
 
 @dataclass
@@ -129,16 +140,57 @@ class TeacherConfig:
 class PromptConfig:
     """Fourier Prompt Generator (method.md §2.2)."""
 
-    param: Literal["free", "generator"] = "free"
+    param: Literal["free", "generator", "radial"] = "free"
+    """``free``: one m per channel and frequency; ``generator``: m from a conv net on the image's log-amplitude;
+    ``radial``: ``radial_bands`` rings x channels, M interpolated linearly in |k| (fopro_kd/prompt.py)."""
     eps: float = 0.5
     band: float = 1.0
     fft: Literal["rfft2", "fft2"] = "rfft2"
     domain: Literal["raw", "normalised"] = "raw"
-    gamma: float = 1e-3
+    gamma: float = 0.1
+    """γ of R = γ·Σ_c Σ_k w_k (M_c(k) − 1)², w normalised over the band: a uniform deviation δ costs γ·C·δ²
+    whatever the image size (docs/method-notes.md, FPG)."""
     scope: Literal["local"] = "local"
     """The prompt is trained on private data and never leaves the hospital (no ``federated`` scope: see docs/privacy.md)."""
     generator_hidden: int = 16
+    radial_bands: int = 8
+    """``param: radial``: number K >= 2 of equal radial rings on [0, band·Nyquist] (at most the number of
+    distinct radial frequencies inside the band)."""
+    init: Literal["identity", "probe"] = "identity"
+    """``identity`` (m = 0); ``probe`` (``param: radial`` only): rings start from ``probe_file``, M_j =
+    1 + eps·tanh(probe_scale·d_j), d_j the band-pass accuracy deviation of the probe (fopro_kd/prompt.py)."""
+    probe_file: str | None = None
+    """``init: probe``: the frequency_preference.json written by ``fopro-kd probe``."""
+    probe_scale: float = 0.75
+    """``init: probe``: the best / worst probe band starts at M = 1 ± eps·tanh(probe_scale)."""
     lr: float = 1e-3
+    """Learning rate of the prompt's parameters (the prompt optimizer's)."""
+    schedule: Literal["joint", "two_stage"] = "joint"
+    """``joint``: the prompt trains beside the student for the whole run (online teacher every step).
+    ``two_stage``: the prompt trains (with the student, online) for the first ``explore_epochs`` epochs
+    only, is then frozen, and T(FPG(x)) is computed once per image and teacher view and reused, so the
+    remaining epochs cost about a BSM epoch (README, "Teacher feature cache")."""
+    explore_epochs: int = 1
+    """Epochs (federated: local epochs counted over rounds) of the exploration stage of ``two_stage``."""
+
+
+def _default_probe_bands() -> list[tuple[float, float]]:
+    return [(i / 8, (i + 1) / 8) for i in range(8)]
+
+
+@dataclass
+class ProbeConfig:
+    """Frequency-preference probe (``fopro-kd probe``, fopro_kd/probe.py)."""
+
+    bands: list[tuple[float, float]] = field(default_factory=_default_probe_bands)
+    """Radial bands [lo, hi] as fractions of Nyquist, within [0, 1] and not overlapping (hi = 1 includes the
+    spectrum's corners); each gives a band-pass, a low-pass [0, hi] and a high-pass [lo, 1] measurement."""
+    holdout_fraction: float = 0.3
+    """Fraction of each class of the training split (by whole groups when groups exist) held out to score
+    the teacher's nearest-class-mean classifier fitted on the rest."""
+    max_images: int | None = None
+    """Subsample the training split to at most this many images (class-balanced water-filling); ``None``: all."""
+    batch_size: int = 64
 
 
 @dataclass
@@ -175,6 +227,13 @@ class TrainConfig:
     ldam_scale: float = 30.0
     drw_start_fraction: float = 0.8
     cache_teacher_features: bool = False
+    """Compute the teacher's (prompted, frozen) features once per image and teacher view and reuse
+    them; needs ``augment.teacher_view`` ``flips`` or ``clean`` and, for ``fopro-kd``, a frozen prompt
+    (``prompt.schedule: two_stage``)."""
+    cache_dtype: Literal["float32", "float16"] = "float32"
+    """Storage of cached teacher features (float16 halves the memory; targets are cast back to float32)."""
+    max_cache_gb: float = 4.0
+    """Refuse a teacher feature cache larger than this (images x views x feature dim x bytes)."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; ``None`` leaves torch's default."""
 
@@ -279,6 +338,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -336,6 +396,18 @@ def _check_ranges(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: 'data.image_size' must be in [16, 1024], got {cfg.data.image_size}")
     if cfg.split.val_fraction + cfg.split.test_fraction >= 1:
         raise ConfigError(f"{source}: 'split.val_fraction' + 'split.test_fraction' must be < 1")
+    if cfg.split.folds < 2:
+        raise ConfigError(f"{source}: 'split.folds' must be >= 2 (k-fold cross-validation), got {cfg.split.folds}")
+    if not 0 <= cfg.split.fold < cfg.split.folds:
+        raise ConfigError(
+            f"{source}: 'split.fold' must be in 0..{cfg.split.folds - 1} (split.folds={cfg.split.folds}), "
+            f"got {cfg.split.fold}"
+        )
+    if cfg.split.mode == "kfold" and cfg.data.split_file:
+        raise ConfigError(
+            f"{source}: 'split.mode' is 'kfold' but 'data.split_file' is set; a split file fixes the split, "
+            f"remove one of them"
+        )
     if cfg.teacher.source == "file" and not cfg.teacher.file and cfg.train.method in ("ekd", "fopro-kd"):
         raise ConfigError(f"{source}: 'teacher.source' is 'file' but 'teacher.file' is not set")
     _check_reliability(cfg, source)
@@ -346,9 +418,98 @@ def _check_ranges(cfg: Config, source: str) -> None:
         )
     _check_student_init(cfg, source)
     _check_privacy(cfg, source)
+    _check_prompt_and_probe(cfg, source)
+    _check_teacher_schedule(cfg, source)
     for value in cfg.teacher.model_kwargs.values():
         if not isinstance(value, (str, int, float, bool, type(None))):
             raise ConfigError(f"{source}: 'teacher.model_kwargs' values must be plain scalars, got {value!r}")
+
+
+def feature_cache_problem(cfg: Config) -> str | None:
+    """Why cached teacher features would be wrong for ``cfg``, or None when they are valid.
+
+    The one home of this rule: the config check (before any data is read) and the trainer
+    (defence in depth) both ask it. A cached target is exact when the teacher's input is a
+    function of the image and a finite view index only, and the teacher (with its prompt) is
+    frozen while the cache is used.
+    """
+    if cfg.train.method not in ("ekd", "fopro-kd"):
+        return f"method {cfg.train.method!r} has no teacher"
+    if cfg.train.method == "fopro-kd" and cfg.prompt.schedule != "two_stage":
+        return ("the prompt changes the teacher's input every step (method 'fopro-kd' with prompt.schedule "
+                "'joint'); set prompt.schedule: two_stage")
+    if cfg.augment.enabled and cfg.augment.teacher_view == "augmented":
+        return "the teacher sees augmented images; set augment.teacher_view: flips (or clean)"
+    return None
+
+
+def _check_teacher_schedule(cfg: Config, source: str) -> None:
+    """``prompt.schedule`` and the teacher feature cache (README, "Teacher feature cache")."""
+    if cfg.prompt.explore_epochs < 0:
+        raise ConfigError(f"{source}: 'prompt.explore_epochs' must be >= 0, got {cfg.prompt.explore_epochs!r}")
+    if cfg.prompt.schedule == "two_stage":
+        if cfg.train.method != "fopro-kd":
+            raise ConfigError(f"{source}: 'prompt.schedule' two_stage needs train.method 'fopro-kd', got "
+                              f"{cfg.train.method!r}")
+        if cfg.prompt.explore_epochs >= cfg.train.epochs:
+            raise ConfigError(
+                f"{source}: 'prompt.explore_epochs' ({cfg.prompt.explore_epochs}) must be < 'train.epochs' "
+                f"({cfg.train.epochs}): two_stage needs at least one distillation epoch after exploration")
+        problem = feature_cache_problem(cfg)
+        if problem is not None:
+            raise ConfigError(f"{source}: 'prompt.schedule' two_stage caches the prompted teacher's features, but {problem}")
+    if cfg.train.cache_teacher_features:
+        problem = feature_cache_problem(cfg)
+        if problem is not None:
+            raise ConfigError(f"{source}: 'train.cache_teacher_features' cannot be used: {problem}")
+    if cfg.train.max_cache_gb <= 0:
+        raise ConfigError(f"{source}: 'train.max_cache_gb' must be > 0, got {cfg.train.max_cache_gb!r}")
+
+
+def _check_prompt_and_probe(cfg: Config, source: str) -> None:
+    """``prompt.param: radial`` / ``prompt.init: probe`` and the ``probe`` section (fopro_kd/prompt.py, probe.py)."""
+    p = cfg.prompt
+    if isinstance(p.radial_bands, bool) or p.radial_bands < 2:
+        raise ConfigError(f"{source}: 'prompt.radial_bands' must be an integer >= 2, got {p.radial_bands!r}")
+    if p.probe_scale < 0:
+        raise ConfigError(f"{source}: 'prompt.probe_scale' must be >= 0, got {p.probe_scale!r}")
+    if p.init == "probe":
+        if p.param != "radial":
+            raise ConfigError(f"{source}: 'prompt.init' is 'probe' but 'prompt.param' is {p.param!r}; the probe "
+                              "initialises the rings of 'prompt.param: radial'")
+        if not p.probe_file:
+            raise ConfigError(f"{source}: 'prompt.init' is 'probe' but 'prompt.probe_file' is not set (the "
+                              "frequency_preference.json written by `fopro-kd probe`)")
+    problem = probe_bands_problem(cfg.probe.bands)
+    if problem is not None:
+        raise ConfigError(f"{source}: 'probe.bands' {problem}")
+    if not 0 < cfg.probe.holdout_fraction < 1:
+        raise ConfigError(f"{source}: 'probe.holdout_fraction' must be in (0, 1), got {cfg.probe.holdout_fraction!r}")
+    if cfg.probe.max_images is not None and cfg.probe.max_images < 4:
+        raise ConfigError(f"{source}: 'probe.max_images' must be >= 4 or null, got {cfg.probe.max_images!r}")
+    if cfg.probe.batch_size < 1:
+        raise ConfigError(f"{source}: 'probe.batch_size' must be >= 1, got {cfg.probe.batch_size!r}")
+
+
+def probe_bands_problem(bands: Any) -> str | None:
+    """What is wrong with a list of radial bands [lo, hi] (fractions of Nyquist), or None when usable."""
+    if not bands:
+        return "is empty: list at least one band [lo, hi] within [0, 1]"
+    pairs = []
+    for i, band in enumerate(bands):
+        if not isinstance(band, (list, tuple)) or len(band) != 2:
+            return f"entry {i} must be a pair [lo, hi], got {band!r}"
+        lo, hi = band
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi)):
+            return f"entry {i} must hold two numbers, got {band!r}"
+        if not 0.0 <= lo < hi <= 1.0:
+            return f"entry {i} {list(band)} must satisfy 0 <= lo < hi <= 1 (fractions of Nyquist)"
+        pairs.append((float(lo), float(hi), i))
+    pairs.sort()
+    for (lo_a, hi_a, i), (lo_b, _hi_b, j) in zip(pairs, pairs[1:]):
+        if lo_b < hi_a - 1e-12:
+            return f"entries {i} {[lo_a, hi_a]} and {j} overlap; bands must be disjoint"
+    return None
 
 
 def _check_reliability(cfg: Config, source: str) -> None:
@@ -556,6 +717,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 _PATH_FIELDS = (
     ("data", "root"), ("data", "metadata_csv"), ("data", "train_csv"), ("data", "val_csv"), ("data", "test_csv"),
     ("data", "npz_file"), ("data", "split_file"), ("data", "cache_dir"), ("student", "weights_file"), ("teacher", "file"),
+    ("prompt", "probe_file"),
 )
 
 
