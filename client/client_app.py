@@ -61,10 +61,23 @@ from client.data import (  # noqa: E402
     site_name,
     site_spec_from_node_config,
 )
-from client.state import STATE_KEY, ClientState, ClientStateStore, check_state_key, default_state_root  # noqa: E402
+from client.state import (  # noqa: E402
+    STATE_KEY,
+    ClientState,
+    ClientStateStore,
+    check_state_key,
+    default_state_root,
+    site_has_state,
+)
 from fopro_kd.compression import encode_for_transfer, restore_torch_dtypes  # noqa: E402
 from fopro_kd.config import Config  # noqa: E402
-from fopro_kd.privacy.accounting import PrivacyBudgetExhausted  # noqa: E402
+from fopro_kd.privacy.accounting import PrivacyBudgetExhausted, make_accountant  # noqa: E402
+from fopro_kd.privacy.ledger import (  # noqa: E402
+    PrivacyLedger,
+    PrivacyLedgerStore,
+    events_since,
+    fresh_start_requested,
+)
 from fopro_kd.privacy.statistics import statistics_event, statistics_policy  # noqa: E402
 from fopro_kd.seeding import select_device  # noqa: E402
 from fopro_kd.training.components import build_models, shared_teacher, uses_teacher  # noqa: E402
@@ -145,6 +158,11 @@ def _site(context: Context, cfg: Config) -> tuple[SiteSpec, SiteData]:
     return spec, load_site_data(cfg, spec)
 
 
+def _state_root(context: Context, state_root: Path | None) -> Path:
+    """The node's private state root: the app's ``state_root``, node config ``state-dir``, or the user cache."""
+    return state_root or Path(str(context.node_config.get(STATE_DIR_KEY) or default_state_root()))
+
+
 def _state_store(
     context: Context, spec: SiteSpec, state_root: Path | None, state_key: str | None = None
 ) -> ClientStateStore:
@@ -153,9 +171,34 @@ def _state_store(
     Without a key (an older server, unit tests) the Flower run id is used, which changes when a
     run is resumed. A key that is not a plain folder name is refused (:func:`check_state_key`).
     """
-    root = state_root or Path(str(context.node_config.get(STATE_DIR_KEY) or default_state_root()))
     key = f"run-{context.run_id}" if state_key is None else check_state_key(str(state_key), spec.node)
-    return ClientStateStore(root, key, spec.site_id)
+    return ClientStateStore(_state_root(context, state_root), key, spec.site_id)
+
+
+def _open_ledger(context: Context, spec: SiteSpec, root: Path) -> tuple[PrivacyLedgerStore, PrivacyLedger]:
+    """The site's privacy ledger (``privacy.mode: local``), opened fail-closed (docs/privacy.md §2.4).
+
+    It lives at the state root, not under the server-chosen state key, so neither a replayed
+    round, ``server-round = 1`` nor a new ``state-key`` reaches a fresh accountant. A missing
+    ledger on a site with client state here, or an unreadable one, raises
+    :class:`PrivacyLedgerError` (the error reply) unless node config
+    ``privacy-ledger-fresh-start`` is true.
+    """
+    store = PrivacyLedgerStore(root, spec.site_id)
+    ledger = store.open(trained_before=site_has_state(root, spec.site_id),
+                        fresh_start=fresh_start_requested(context.node_config))
+    return store, ledger
+
+
+def _use_ledger(trainer: LocalTrainer, ledger: PrivacyLedger, run_key: str) -> None:
+    """Make the ledger the trainer's accountant: its history and this federation's released class counts.
+
+    Whatever DP state came with the (possibly older, possibly fresh) client state is replaced,
+    so the budget check, the noise plan and ``dp-epsilon`` all see every release ever charged.
+    """
+    dp = trainer.dp
+    dp.load_state_dict({"history": ledger.history(), "mechanism": dp.mechanism,
+                        "class_counts": ledger.class_counts(run_key)})
 
 
 def _global_state(msg: Message, spec: SiteSpec) -> dict[str, torch.Tensor]:
@@ -307,40 +350,78 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
     global_state = {k: v.detach().clone() for k, v in student.state_dict().items()} if mu > 0 else None
 
     state_key = config.get(STATE_KEY)
-    store = _state_store(context, spec, state_root, None if state_key is None else str(state_key))
+    root = _state_root(context, state_root)
+    store = _state_store(context, spec, root, None if state_key is None else str(state_key))
+    ledger_store = ledger = None
+    if cfg.privacy.mode == "local":  # before anything is built: a site that cannot account does not train
+        ledger_store, ledger = _open_ledger(context, spec, root)
     state = store.load(before_round=server_round if server_round > 0 else None)
     trainer = LocalTrainer(cfg, student, teacher, prompt, data.class_counts(), device)
     if state.trainer is not None:
         trainer.load_state_dict(state.trainer)
 
-    dp = trainer.dp  # privacy.mode local: DP-SGD state, restored with the trainer (epsilon composes over rounds)
+    dp = trainer.dp  # privacy.mode local: DP-SGD state; its accountant is the ledger's, never the state's
     fedmas = cfg.federation.strategy == "fedmas"
     epochs, max_steps = local_schedule(cfg, len(data.train))
+    charged: list = []
     if dp is not None:
+        assert ledger is not None and ledger_store is not None
+        _use_ledger(trainer, ledger, store.run_key)
+        charged = ledger.history()
         reason = dp.check_budget(len(data.train), epochs, max_steps, extra_events=dp_statistics_events(cfg))
-        if reason is not None:  # nothing spent, nothing saved: the state stays that of the last trained round
+        if reason is not None:  # whatever the round number: nothing spent, nothing saved
             return decline_reply(msg, spec, context, trainer, reason)
+        ledger.check_round(store.run_key, server_round)  # a replayed / reset round: error reply naming it
+
+    def charge() -> None:
+        """Write this round's releases to the ledger (fsync'ed) before anything of it leaves the site."""
+        nonlocal ledger
+        spent = events_since(charged, dp.accountant.history)
+        ledger = ledger_store.charge(store.run_key, server_round, spent, class_counts=dp.released_counts,
+                                     delta=dp.delta, mechanism=dp.mechanism)
+        dp.accountant = make_accountant(dp.mechanism, {"history": ledger.history(), "mechanism": dp.mechanism})
+
     prior = None
-    if fedmas:
-        if dp is None:
-            prior = class_rep_prior(student, teacher, prompt, data.train, cfg, device)
-        elif statistics_policy(cfg) == "noised":  # FedMAS step 1, released by the Gaussian mechanism
-            prior, _ = dp.private_class_rep_prior(data.train, student)
     start = time.perf_counter()
     try:
+        if fedmas:
+            if dp is None:
+                prior = class_rep_prior(student, teacher, prompt, data.train, cfg, device)
+            elif statistics_policy(cfg) == "noised":  # FedMAS step 1, released by the Gaussian mechanism
+                prior, _ = dp.private_class_rep_prior(data.train, student)
         result = trainer.train(
             data.train, epochs=epochs, max_steps=max_steps, total_epochs=cfg.federation.num_rounds * epochs,
             proximal_mu=mu, global_params=global_state, track_class_rep=fedmas,
         )
     except PrivacyBudgetExhausted as exc:
-        # the pre-check makes this unreachable; if a release still does not fit, keep what was spent, then decline
+        # the pre-check makes this unreachable; if a release still does not fit, charge what was spent, then decline
         if dp is None:
             raise
+        charge()
         state.trainer = trainer.state_dict()
         state.last_round = server_round
         _remember_in_context(context, state, store.save(state))
         return decline_reply(msg, spec, context, trainer, str(exc))
+    except Exception:
+        if dp is not None:  # nothing leaves the site, but whatever was drawn stays charged
+            try:
+                charge()
+            except Exception:  # the original failure is the reply; the ledger's own error is logged
+                logger.exception("%s round %d: could not charge the releases of a failed round", spec.node,
+                                 server_round)
+        raise
     train_seconds = time.perf_counter() - start
+    if dp is not None:
+        charge()  # before the metrics (dp-epsilon from the ledger) and before the reply is built
+        if dp.target_epsilon is not None and dp.epsilon() > dp.target_epsilon * (1 + 1e-9):
+            # only when another federation of this hospital charged the same ledger meanwhile: withhold the result
+            state.trainer = trainer.state_dict()
+            state.last_round = server_round
+            _remember_in_context(context, state, store.save(state))
+            return decline_reply(msg, spec, context, trainer, (
+                f"privacy budget exhausted: after charging round {server_round} the ledger holds epsilon "
+                f"{dp.epsilon():.4f} > target {dp.target_epsilon:g} (another federation of this hospital spent "
+                "meanwhile); the round's result is withheld"))
     rho = None
     if prior is not None and result.class_rep_sum is not None and result.class_seen is not None:
         rho = _robust_factor(prior, result, str(config.get(FEDMAS_RULE_KEY, cfg.federation.fedmas_rule)))

@@ -8,6 +8,12 @@ the local class counts and a round counter. The student weights are *not* stored
 arrive from the server every round. A round declined for lack of privacy budget saves
 nothing (nothing was spent).
 
+The DP history kept here is a copy, not the authority: this state may legitimately be
+reloaded from an earlier round (resume) or start fresh when its file is unreadable, so the
+privacy spent is kept in the append-only privacy ledger
+(:mod:`fopro_kd.privacy.ledger`, ``<root>/privacy-ledger/site-<id>.json``), which the client
+loads over it every round and which nothing here rolls back.
+
 Why a directory and not only ``context.state``: in simulation a node's Ray actor may be
 reused or not, and in deployment every message runs in a fresh ``flwr-clientapp``
 process, where ``context.state`` persistence is not confirmed (libraries.md §5). The
@@ -32,7 +38,15 @@ from fopro_kd.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 
 logger = logging.getLogger("fopro_kd.federation")
 
-__all__ = ["CLIENT_STATE_FORMAT", "ClientState", "STATE_KEY", "ClientStateStore", "check_state_key", "default_state_root"]
+__all__ = [
+    "CLIENT_STATE_FORMAT",
+    "ClientState",
+    "STATE_KEY",
+    "ClientStateStore",
+    "check_state_key",
+    "default_state_root",
+    "site_has_state",
+]
 
 CLIENT_STATE_FORMAT = "fopro-kd-client-state/1"
 STATE_KEY = "state-key"
@@ -78,6 +92,18 @@ class ClientState:
         )
 
 
+def site_has_state(root: str | Path, site_id: int) -> bool:
+    """Whether ``site_id`` left client state under ``root`` in any federation (any run key).
+
+    Evidence for the privacy ledger (:mod:`fopro_kd.privacy.ledger`) that the site has
+    trained before: a missing ledger is then a refusal, not a fresh start.
+    """
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        return False
+    return any(base.glob(f"*/site-{int(site_id)}/{STATE_FILE}")) or any(base.glob(f"*/site-{int(site_id)}/{PREV_STATE_FILE}"))
+
+
 STATE_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """What a run key (a folder name under the state root) may look like: no separators, no ``..``."""
 
@@ -118,7 +144,7 @@ class ClientStateStore:
 
     def __init__(self, root: str | Path, run_key: str, site_id: int) -> None:
         self.site_id = int(site_id)
-        check_state_key(run_key, f"site-{self.site_id}")
+        self.run_key = check_state_key(run_key, f"site-{self.site_id}")
         self.root = Path(root).expanduser().resolve()
         self.directory = (self.root / run_key / f"site-{self.site_id}").resolve()
         if self.root not in self.directory.parents:
