@@ -1,4 +1,4 @@
-"""``fopro-kd`` command line: train, evaluate, teacher pretrain, simulate, report.
+"""``fopro-kd`` command line: train, evaluate, teacher pretrain, simulate, probe, report.
 
 Thin by design: parse arguments, load and validate the config, call the library.
 Configuration errors exit with status 2 and one clear line, before any work starts.
@@ -84,10 +84,24 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return int(run_simulation_from_config(cfg, out_dir=args.out, resume_dir=resume) or 0)
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from fopro_kd.probe import RESULT_JSON, RESULT_PNG, format_probe, run_probe
+    from fopro_kd.run_dir import default_run_dir
+
+    if args.max_images is not None:
+        args.overrides = [*args.overrides, f"probe.max_images={args.max_images}"]
+    cfg = _load(args)
+    out = Path(args.out) if args.out else default_run_dir(cfg, kind="probe")
+    payload = run_probe(cfg, out, progress=not args.no_progress)
+    print(format_probe(payload))
+    print(f"wrote {out / RESULT_JSON} and {out / RESULT_PNG} ({payload['seconds']} s)")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from simulations.report import print_report
 
-    print_report([Path(p) for p in args.run_dirs])
+    print_report([Path(p) for p in args.run_dirs], rare_classes=args.rare_classes)
     return 0
 
 
@@ -126,8 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue the run in this run directory from its last complete round")
     p.set_defaults(func=_cmd_simulate)
 
+    p = sub.add_parser("probe", help="frequency preference of the teacher on the site's training split")
+    _add_config_args(p)
+    p.add_argument("--out", help="output directory (default: runs/<time>-<name>)")
+    p.add_argument("--max-images", type=int, help="subsample the training split to N images (class-balanced)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_probe)
+
     p = sub.add_parser("report", help="side-by-side table of runs")
     p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--rare-classes", nargs="+", help="classes of the paired rare-recall difference "
+                   "(default: the 3 rarest training classes of the first run)")
     p.set_defaults(func=_cmd_report)
     return parser
 

@@ -56,7 +56,12 @@ from fopro_kd.plots import (  # noqa: E402
 from fopro_kd.run_dir import RunDir, default_run_dir  # noqa: E402
 from fopro_kd.seeding import select_device  # noqa: E402
 from fopro_kd.training.components import uses_teacher  # noqa: E402
-from fopro_kd.training.single_site import evaluate_student, student_checkpoint  # noqa: E402
+from fopro_kd.stats import PREDICTIONS_FILE  # noqa: E402
+from fopro_kd.training.single_site import (  # noqa: E402
+    evaluate_and_save_predictions,
+    evaluate_student,
+    student_checkpoint,
+)
 from server.evaluation import build_global_student, site_metrics_from_counts  # noqa: E402
 from server.checkpoints import (  # noqa: E402
     ResumeError,
@@ -279,6 +284,20 @@ class ServerEvaluator:
             student_checkpoint(self.student, self.cfg, self.splits.class_names,
                                {"round": server_round, "val_balanced_accuracy": float(score)}),
         )
+
+    def save_test_predictions(self) -> Path | None:
+        """Write the selected (best-validation) model's test predictions to ``predictions_test.npz``.
+
+        The final test metrics were computed when the round was selected; this re-scores the same
+        weights once (eval mode, deterministic) to keep the per-image predictions the paired
+        statistics need (:mod:`fopro_kd.stats`). ``None`` when no round was selected.
+        """
+        if self.best.round <= 0 or self.best_arrays is None:
+            return None
+        self.student.load_state_dict(self.best_arrays)
+        path = self.run.resolve(PREDICTIONS_FILE)
+        evaluate_and_save_predictions(self.student, self.splits.test, self.train_counts, self.cfg, self.device, path)
+        return path
 
     def _select(self, server_round: int, score: float, test: dict, entry: RoundLog | None) -> None:
         self.best = Selection(server_round, score, copy.deepcopy(test))
@@ -595,6 +614,7 @@ def run_federation(
     metrics = _final_metrics(cfg, evaluator, recorder, wall_before + time.perf_counter() - wall_start)
     metrics["resumed_from_round"] = done if resumed is not None else None
     metrics["stopped_early"] = stopped
+    evaluator.save_test_predictions()
     run.write_json("metrics.json", metrics)
     _write_plots(run, metrics, evaluator, recorder)
     logger.info("federation finished: best round %d, test bACC %s", metrics["best_round"],

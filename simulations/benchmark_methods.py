@@ -1,16 +1,34 @@
-"""Variant comparison at equal budget: methods on one site, or strategies in a federation.
+"""Variant comparison at equal budget: methods on one site, or strategies in a federation, over seeds and folds.
 
 Usage::
 
     python -m simulations.benchmark_methods --config configs/demo.yaml --out runs/bench-demo \
-        [--methods bsm ekd fopro-kd fopro-kd+akd] [--seeds 0 1] [--set train.epochs=4]
+        [--methods bsm ekd fopro-kd fopro-kd+akd] [--seeds 0 1 2] [--reference bsm] [--set train.epochs=4]
+    python -m simulations.benchmark_methods --config configs/ham10000-lt.yaml --out runs/bench-ham-cv \
+        --methods bsm ekd --seeds 0 1 2 --folds 5 --rare-classes df vasc akiec
     python -m simulations.benchmark_methods --federated --config configs/sim-demo.yaml \
         --out runs/bench-sim --methods fedavg+bsm fedavg+fopro-kd fedmas+fopro-kd class_balanced+fopro-kd
 
-Every variant runs with the same config, seed, data split and epoch/round budget; only the
+Every variant runs with the same config, seeds, data split and epoch/round budget; only the
 variant's overrides change (``train.method`` / ``akd.mode``; for ``--federated`` also
-``federation.strategy``). Writes ``results.json`` and ``results.csv`` (balanced accuracy,
-few-shot accuracy, seconds per epoch or per round) and prints a table.
+``federation.strategy``). The run seed (``seed``) changes the initialisation and the batch
+order; the split depends on ``split.seed`` only, so every variant and seed is tested on the
+same images and their differences are *paired*.
+
+``--folds K`` runs every fold ``i = 0..K-1`` with ``split.mode=kfold split.folds=K
+split.fold=i`` (whole lesions per fold, :func:`fopro_kd.data.splits.kfold_group_split`); each
+fold is its own training run with run seed ``seed * 1000 + i`` (so folds are independent
+initialisations while ``--seeds`` stays the label of a repeat), and the statistics use each
+seed's test predictions *pooled over the folds*: every image is tested exactly once.
+
+Writes ``results.json``: ``rows`` (one per run: variant, seed, fold, test metrics, seconds per
+epoch or round), ``summary.<variant>.<metric>.{mean, std, per_seed}`` over seeds and
+``paired.<variant>.<metric>.{mean_diff, ci95_low, ci95_high, per_seed, within_noise}`` against
+the reference variant, for ``balanced_accuracy`` and ``rare_recall`` (mean recall of
+``--rare-classes``, default the 3 rarest training classes); a paired, class-stratified
+bootstrap over test images (:func:`fopro_kd.stats.paired_bootstrap`, docs/results.md
+"Statistics used"). ``results.csv`` holds the rows. A table is printed; "within noise" marks an
+interval that contains 0.
 """
 
 from __future__ import annotations
@@ -19,14 +37,38 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
+
 from fopro_kd.config import load_config  # noqa: E402
 from fopro_kd.data import build_splits  # noqa: E402
+from fopro_kd.stats import (  # noqa: E402
+    DEFAULT_BOOTSTRAP,
+    Predictions,
+    align_predictions,
+    balanced_accuracy,
+    load_predictions,
+    mean_recall,
+    paired_bootstrap,
+    pool_predictions,
+    rarest_classes,
+)
 from fopro_kd.training.single_site import train_single_site  # noqa: E402
+
+FOLD_SEED_STRIDE = 1000
+"""With ``--folds``, fold ``i`` of repeat ``seed`` trains with run seed ``seed * FOLD_SEED_STRIDE + i``."""
+METRICS = ("balanced_accuracy", "rare_recall")
+"""The metrics of ``summary`` and ``paired``."""
+RARE_DEFAULT = 3
+"""``--rare-classes`` default: this many rarest training classes."""
 
 METHOD_OVERRIDES: dict[str, list[str]] = {
     "ce": ["train.method=ce", "train.loss=ce"],
@@ -52,6 +94,49 @@ def variant_overrides(name: str, federated: bool) -> list[str]:
     return METHOD_OVERRIDES[method] + ([f"federation.strategy={strategy}"] if strategy else [])
 
 
+def run_seed(seed: int, fold: int | None) -> int:
+    """The training seed of repeat ``seed`` on ``fold`` (``None``: no folds, the seed itself)."""
+    return seed if fold is None else seed * FOLD_SEED_STRIDE + fold
+
+
+def check_arguments(
+    methods: Sequence[str], seeds: Sequence[int], reference: str | None, folds: int | None, federated: bool
+) -> dict[str, list[str]]:
+    """Variant overrides, after checking the command line; every error names the option, before any training."""
+    if not methods:
+        raise ValueError("--methods: give at least one variant")
+    repeated = sorted({m for m in methods if list(methods).count(m) > 1})
+    if repeated:
+        raise ValueError(f"--methods: variant(s) {repeated} given more than once")
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    repeated_seeds = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if repeated_seeds:
+        raise ValueError(
+            f"--seeds: seed(s) {repeated_seeds} repeat; a repeated seed is the same run again and would count "
+            f"twice in the mean and the interval"
+        )
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must be >= 0, got {list(seeds)}")
+    if reference is not None and reference not in methods:
+        raise ValueError(f"--reference {reference!r} is not one of the variants run (--methods {list(methods)})")
+    if folds is not None and not 2 <= folds < FOLD_SEED_STRIDE:
+        raise ValueError(f"--folds must be in 2..{FOLD_SEED_STRIDE - 1}, got {folds}")
+    return {name: variant_overrides(name, federated) for name in methods}
+
+
+def resolve_rare_classes(names: Sequence[str] | None, class_names: list[str], train_counts: np.ndarray) -> list[int]:
+    """Class indices of ``--rare-classes`` (default: the 3 rarest training classes)."""
+    if not names:
+        return rarest_classes(train_counts, RARE_DEFAULT)
+    unknown = [n for n in names if n not in class_names]
+    if unknown:
+        raise ValueError(f"--rare-classes: unknown class(es) {unknown}; the data has {class_names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--rare-classes: classes repeat in {list(names)}")
+    return [class_names.index(n) for n in names]
+
+
 def _run_variant(config: str, overrides: list[str], out: Path, splits, federated: bool) -> dict:
     cfg = load_config(config, overrides)
     if not federated:
@@ -67,55 +152,187 @@ def _run_variant(config: str, overrides: list[str], out: Path, splits, federated
 
 
 def run_benchmark(
-    config: str, out: Path, methods: list[str], seeds: list[int], overrides: list[str], federated: bool = False
-) -> list[dict]:
-    variants = {name: variant_overrides(name, federated) for name in methods}  # fail before any training
-    rows = []
-    for seed in seeds:
-        # one split per seed, shared by every single-site variant (federated runs rebuild it per process)
-        splits = None if federated else build_splits(load_config(config, overrides + [f"seed={seed}"]))
-        for method, extra in variants.items():
-            metrics = _run_variant(config, overrides + [f"seed={seed}"] + extra, out / f"{method}-seed{seed}",
-                                   splits, federated)
-            rows.append({
-                "method": method, "seed": seed,
-                "balanced_accuracy": metrics["balanced_accuracy"], "few_shot": metrics["few_shot"],
-                "medium_shot": metrics["medium_shot"], "many_shot": metrics["many_shot"],
-                "macro_f1": metrics["macro_f1"], "seconds_per_epoch": metrics["seconds"],
-                "best_epoch": metrics["best_epoch"],
-                "outside_training_share": metrics.get("mean_outside_training_share"),
-            })
-            logging.getLogger("fopro_kd").info("%s seed %d: bACC %.4f", method, seed, metrics["balanced_accuracy"])
-            _write(out, rows)
-    return rows
+    config: str,
+    out: Path,
+    methods: list[str],
+    seeds: list[int],
+    overrides: list[str],
+    federated: bool = False,
+    *,
+    reference: str | None = None,
+    folds: int | None = None,
+    rare_classes: Sequence[str] | None = None,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+) -> dict[str, Any]:
+    """Run every variant x seed (x fold), then the per-variant summary and the paired statistics.
+
+    Returns the content of ``results.json`` (``rows``, ``summary``, ``paired`` and the settings).
+    Bad arguments, configs and rare-class names raise ``ValueError`` / ``ConfigError`` before
+    the first run trains.
+    """
+    out = Path(out)
+    variants = check_arguments(methods, seeds, reference, folds, federated)
+    if n_boot < 1:
+        raise ValueError(f"--bootstrap must be >= 1 resamples, got {n_boot}")
+    reference = reference or methods[0]
+    fold_list: list[int | None] = list(range(folds)) if folds else [None]
+
+    def fold_overrides(fold: int | None) -> list[str]:
+        return [] if fold is None else ["split.mode=kfold", f"split.folds={folds}", f"split.fold={fold}"]
+
+    for extra in variants.values():  # every variant's config is valid (fails before any training)
+        load_config(config, overrides + fold_overrides(fold_list[0]) + extra)
+    first_splits = build_splits(load_config(config, overrides + fold_overrides(fold_list[0])))
+    class_names = list(first_splits.class_names)
+    rare = resolve_rare_classes(rare_classes, class_names, first_splits.train.class_counts())
+    settings = {
+        "reference": reference, "seeds": list(seeds), "folds": folds, "federated": federated,
+        "rare_classes": [class_names[c] for c in rare], "n_boot": n_boot,
+        "run_seed": "seed" if folds is None else f"seed * {FOLD_SEED_STRIDE} + fold",
+    }
+    logger = logging.getLogger("fopro_kd")
+    rows: list[dict[str, Any]] = []
+    predictions: dict[tuple[str, int], list[Predictions]] = {}
+    for fold in fold_list:
+        # one split per fold, shared by every seed and single-site variant (it depends on split.seed only;
+        # federated runs rebuild it in the simulation)
+        splits = None
+        if not federated:
+            splits = first_splits if fold == fold_list[0] else build_splits(
+                load_config(config, overrides + fold_overrides(fold)))
+        for seed in seeds:
+            for method, extra in variants.items():
+                name = f"{method}-seed{seed}" + ("" if fold is None else f"-fold{fold}")
+                seed_override = [f"seed={run_seed(seed, fold)}"]
+                metrics = _run_variant(config, overrides + fold_overrides(fold) + seed_override + extra,
+                                       out / name, splits, federated)
+                pred = load_predictions(out / name)
+                predictions.setdefault((method, seed), []).append(pred)
+                rows.append({
+                    "method": method, "seed": seed, "fold": fold, "run_seed": run_seed(seed, fold),
+                    "balanced_accuracy": metrics["balanced_accuracy"], "few_shot": metrics["few_shot"],
+                    "medium_shot": metrics["medium_shot"], "many_shot": metrics["many_shot"],
+                    "rare_recall": mean_recall(pred.labels, pred.predicted, rare),
+                    "macro_f1": metrics["macro_f1"], "seconds_per_epoch": metrics["seconds"],
+                    "best_epoch": metrics["best_epoch"],
+                    "outside_training_share": metrics.get("mean_outside_training_share"),
+                })
+                logger.info("%s: bACC %.4f", name, metrics["balanced_accuracy"])
+                _write(out, {**settings, "rows": rows})
+    results = {**settings, "rows": rows, **paired_statistics(predictions, list(methods), list(seeds), reference,
+                                                              rare, n_boot)}
+    _write(out, results)
+    return results
 
 
-def _write(out: Path, rows: list[dict]) -> None:
+def paired_statistics(
+    predictions: dict[tuple[str, int], list[Predictions]],
+    methods: list[str],
+    seeds: list[int],
+    reference: str,
+    rare: list[int],
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    bootstrap_seed: int = 0,
+) -> dict[str, Any]:
+    """``summary`` and ``paired`` blocks from each (variant, seed)'s test predictions (folds pooled).
+
+    ``summary.<v>.<m>``: mean and standard deviation (ddof 1; ``None`` for one seed) over seeds
+    of the metric on the pooled predictions. ``paired.<v>.<m>`` (every variant but the
+    reference): :func:`fopro_kd.stats.paired_bootstrap` against the reference, with
+    ``within_noise`` when the 95% interval contains 0.
+    """
+    pooled = {key: pool_predictions(parts) for key, parts in predictions.items()}
+    anchor = pooled[(reference, seeds[0])]
+    try:
+        pooled = {key: align_predictions(anchor, p) for key, p in pooled.items()}
+    except ValueError as exc:
+        raise ValueError(f"the runs cannot be paired: {exc}") from exc
+    labels = anchor.labels
+    predicted = {m: np.stack([pooled[(m, s)].predicted for s in seeds]) for m in methods}
+    metric_fns = {
+        "balanced_accuracy": lambda p: balanced_accuracy(labels, p),
+        "rare_recall": lambda p: mean_recall(labels, p, rare),
+    }
+    summary: dict[str, Any] = {}
+    for m in methods:
+        summary[m] = {}
+        for metric, fn in metric_fns.items():
+            values = [fn(row) for row in predicted[m]]
+            summary[m][metric] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                "per_seed": [float(v) for v in values],
+            }
+    paired: dict[str, Any] = {}
+    for m in methods:
+        if m == reference:
+            continue
+        paired[m] = {}
+        for metric in METRICS:
+            result = paired_bootstrap(labels, predicted[reference], predicted[m],
+                                      classes=None if metric == "balanced_accuracy" else rare,
+                                      n_boot=n_boot, seed=bootstrap_seed)
+            paired[m][metric] = {
+                **{k: result[k] for k in ("mean_diff", "ci95_low", "ci95_high", "per_seed")},
+                "within_noise": bool(result["ci95_low"] <= 0.0 <= result["ci95_high"]),
+            }
+    return {"n_test": int(len(labels)), "summary": summary, "paired": paired}
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    rows = results["rows"]
     with (out / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def format_table(rows: list[dict]) -> str:
-    """Mean over seeds per method; time per epoch relative to the first method."""
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Per variant: bACC and rare recall (mean ± std over seeds, %), paired difference to the reference, time."""
+    rows = results["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = [f"{'variant':<24} {'bACC':>7} {'few':>7} {'medium':>7} {'many':>7} {'s/unit':>8} {'rel.time':>8}"]
+    summary, paired = results.get("summary", {}), results.get("paired", {})
+    reference = results.get("reference", methods[0])
+    rare = ",".join(results.get("rare_classes", []))
+    lines = [
+        f"{len(results.get('seeds', []))} seed(s)" + (f", {results['folds']}-fold pooled" if results.get("folds") else "")
+        + f", {results.get('n_test', '?')} test images; rare = {rare}; differences vs {reference!r} in points, "
+        f"paired bootstrap 95% interval",
+        f"{'variant':<24} {'bACC':>12} {'rare':>12} {'d bACC [95% CI]':>28} {'d rare [95% CI]':>28} "
+        f"{'s/unit':>8} {'rel.time':>8}",
+    ]
     base_time = None
     for method in methods:
-        picked = [r for r in rows if r["method"] == method]
-
-        def mean(key: str) -> float:
-            values = [r[key] for r in picked if r[key] is not None]
-            return sum(values) / len(values) if values else float("nan")
-
-        seconds = mean("seconds_per_epoch")
+        times = [r["seconds_per_epoch"] for r in rows if r["method"] == method and r["seconds_per_epoch"] is not None]
+        seconds = sum(times) / len(times) if times else float("nan")
         base_time = base_time or seconds
+        cells = []
+        for metric in METRICS:
+            s = summary.get(method, {}).get(metric, {})
+            std = s.get("std")
+            cells.append(f"{_pct(s.get('mean'))}" + ("" if std is None else f" ± {_pct(std)}"))
+        deltas = []
+        for metric in METRICS:
+            if method == reference:
+                deltas.append("(reference)")
+                continue
+            d = paired.get(method, {}).get(metric)
+            if d is None:
+                deltas.append("-")
+                continue
+            text = f"{_pct(d['mean_diff'], True)} [{_pct(d['ci95_low'], True)}, {_pct(d['ci95_high'], True)}]"
+            deltas.append(text + (" within noise" if d["within_noise"] else ""))
         lines.append(
-            f"{method:<24} {mean('balanced_accuracy'):7.4f} {mean('few_shot'):7.4f} {mean('medium_shot'):7.4f} "
-            f"{mean('many_shot'):7.4f} {seconds:8.1f} {seconds / base_time:8.2f}"
+            f"{method:<24} {cells[0]:>12} {cells[1]:>12} {deltas[0]:>28} {deltas[1]:>28} "
+            f"{seconds:8.1f} {seconds / base_time:8.2f}"
         )
     return "\n".join(lines)
 
@@ -125,13 +342,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--methods", nargs="+", default=["bsm", "ekd", "fopro-kd", "fopro-kd+akd"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="repeats (distinct run seeds)")
+    parser.add_argument("--reference", help="variant the others are compared with (default: the first of --methods)")
+    parser.add_argument("--folds", type=int, help="k-fold cross-validation: run every fold 0..K-1 (split.mode=kfold)")
+    parser.add_argument("--rare-classes", nargs="+", help="class names of the rare-recall metric "
+                        f"(default: the {RARE_DEFAULT} rarest training classes)")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples B")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--federated", action="store_true", help="variants are STRATEGY+METHOD simulations")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    rows = run_benchmark(args.config, Path(args.out), args.methods, args.seeds, args.overrides, args.federated)
-    print(format_table(rows))
+    try:
+        results = run_benchmark(args.config, Path(args.out), args.methods, args.seeds, args.overrides,
+                                args.federated, reference=args.reference, folds=args.folds,
+                                rare_classes=args.rare_classes, n_boot=args.bootstrap)
+    except ValueError as exc:  # ConfigError included: bad input, reported before training
+        print(f"benchmark_methods: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(results))
     return 0
 
 

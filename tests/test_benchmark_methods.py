@@ -21,19 +21,77 @@ def test_variant_overrides_single_site_and_federated() -> None:
         variant_overrides("nope", federated=False)
 
 
-def test_tiny_single_site_benchmark_writes_results(tmp_path: Path) -> None:
+def _tiny_config(tmp_path: Path) -> Path:
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "data": {"kind": "synthetic", "image_size": 32, "num_classes": 3, "max_per_class": 12},
         "split": {"val_per_class": 3, "test_per_class": 3},
         "student": {"arch": "test_resnet"},
         "teacher": {"arch": "test_resnet", "source": "none", "input_size": 32},
-        "train": {"epochs": 1, "batch_size": 8},
+        "train": {"epochs": 1, "batch_size": 8, "num_threads": 1},
     }))
-    rows = run_benchmark(str(config), tmp_path / "out", ["bsm", "fopro-kd"], [0], [])
-    assert [r["method"] for r in rows] == ["bsm", "fopro-kd"]
+    return config
+
+
+def test_tiny_single_site_benchmark_writes_results(tmp_path: Path, monkeypatch) -> None:
+    """Two variants x two seeds: rows, summary over seeds and the paired block against the reference."""
+    import fopro_kd.training.single_site as single_site
+
+    for plot in ("plot_per_class_recall", "plot_history"):  # PNGs are 60% of a tiny run's time; not tested here
+        monkeypatch.setattr(single_site, plot, lambda *args, **kwargs: None)
+    results = run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "out", ["bsm", "ce"], [0, 1], [],
+                            reference="ce", rare_classes=["class_2"], n_boot=200)
+    rows = results["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [("bsm", 0), ("ce", 0), ("bsm", 1), ("ce", 1)]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved == json.loads(json.dumps(rows))
+    assert saved == json.loads(json.dumps(results))
     assert all(0.0 <= r["balanced_accuracy"] <= 1.0 for r in rows)
-    table = format_table(rows)
-    assert "bsm" in table and "fopro-kd" in table and table.count("\n") == 2
+    assert saved["reference"] == "ce" and saved["rare_classes"] == ["class_2"] and saved["n_test"] == 9
+    for variant in ("bsm", "ce"):
+        for metric in ("balanced_accuracy", "rare_recall"):
+            block = saved["summary"][variant][metric]
+            assert len(block["per_seed"]) == 2 and block["std"] is not None
+            assert block["mean"] == pytest.approx(sum(block["per_seed"]) / 2)
+    # the summary's bACC on the saved predictions is the run's own test bACC
+    assert saved["summary"]["bsm"]["balanced_accuracy"]["per_seed"] == pytest.approx(
+        [r["balanced_accuracy"] for r in rows if r["method"] == "bsm"])
+    assert set(saved["paired"]) == {"bsm"}  # no block for the reference itself
+    for metric in ("balanced_accuracy", "rare_recall"):
+        pair = saved["paired"]["bsm"][metric]
+        assert pair["ci95_low"] <= pair["mean_diff"] <= pair["ci95_high"] and len(pair["per_seed"]) == 2
+        assert pair["within_noise"] == (pair["ci95_low"] <= 0 <= pair["ci95_high"])
+        ref = saved["summary"]["ce"][metric]["per_seed"]
+        var = saved["summary"]["bsm"][metric]["per_seed"]
+        assert pair["per_seed"] == pytest.approx([v - r for v, r in zip(var, ref)])
+    assert (tmp_path / "out" / "bsm-seed1" / "predictions_test.npz").is_file()
+    table = format_table(saved)
+    assert "bsm" in table and "(reference)" in table and table.count("\n") == 3
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"reference": "ekd"}, "--reference 'ekd' is not one of the variants run"),
+    ({"seeds": [0, 1, 0]}, "--seeds: seed\\(s\\) \\[0\\] repeat"),
+    ({"methods": ["bsm", "bsm"]}, "--methods: variant\\(s\\) \\['bsm'\\] given more than once"),
+    ({"folds": 1}, "--folds must be in 2"),
+    ({"rare_classes": ["nope"]}, "--rare-classes: unknown class"),
+])
+def test_bad_benchmark_input_fails_before_training(tmp_path: Path, monkeypatch, kwargs, message) -> None:
+    import simulations.benchmark_methods as bench
+
+    def no_training(*args, **kw):
+        raise AssertionError("training started despite bad input")
+
+    monkeypatch.setattr(bench, "_run_variant", no_training)
+    args = {"methods": ["bsm", "ce"], "seeds": [0, 1], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "out", args.pop("methods"), args.pop("seeds"), [],
+                      **args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_cli_reports_bad_input(tmp_path: Path, capsys) -> None:
+    from simulations.benchmark_methods import main
+
+    code = main(["--config", str(_tiny_config(tmp_path)), "--out", str(tmp_path / "out"), "--methods", "bsm",
+                 "--reference", "fopro-kd"])
+    assert code == 2 and "--reference 'fopro-kd'" in capsys.readouterr().err

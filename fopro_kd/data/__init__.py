@@ -22,7 +22,14 @@ from .loaders import (
     load_medmnist_npz,
     read_split_file,
 )
-from .splits import balanced_group_split, check_splits, concat_imagesets, long_tail_subsample, stratified_group_split
+from .splits import (
+    balanced_group_split,
+    check_splits,
+    concat_imagesets,
+    kfold_group_split,
+    long_tail_subsample,
+    stratified_group_split,
+)
 from .synthetic import SCANNER_STYLES, long_tail_counts, make_synthetic_imageset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, normalize, resize_batch, to_float, to_float_on
 
@@ -83,6 +90,8 @@ def _split_pool(pool: ImageSet, cfg: Config) -> dict[str, ImageSet]:
         idx = balanced_group_split(pool, s.val_per_class, s.test_per_class, s.max_holdout_fraction, s.seed)
     elif s.mode == "stratified":
         idx = stratified_group_split(pool, s.val_fraction, s.test_fraction, s.seed)
+    elif s.mode == "kfold":
+        idx = kfold_group_split(pool, s.folds, s.fold, s.val_per_class, s.max_holdout_fraction, s.seed)
     else:
         raise ValueError(
             f"split.mode='predefined' needs data.split_file (a CSV with columns image_id,split) for "
@@ -96,7 +105,8 @@ def build_splits(cfg: Config) -> DatasetSplits:
 
     Sources by ``data.kind``: ``synthetic`` (long-tailed train, balanced val/test from derived
     seeds), ``ham10000`` and ``imagefolder`` (one pool split by ``split.mode``),
-    ``isic2019_lt`` (the three protocol CSVs) and ``medmnist`` (the npz's own splits). A
+    ``isic2019_lt`` (the three protocol CSVs) and ``medmnist`` (the npz's own splits).
+    ``split.mode: kfold`` pools a kind's own splits and cross-validates over all images. A
     ``data.split_file`` overrides the split of any kind; ``split.train_imbalance_factor``
     then long-tail subsamples the training split.
 
@@ -151,6 +161,12 @@ def build_splits(cfg: Config) -> DatasetSplits:
         parts = apply_split_file(pool, read_split_file(split_path), d.kind)
         info["sources"]["split_file"] = str(split_path)
         info["split_mode"] = "split_file"
+    elif cfg.split.mode == "kfold":
+        # k-fold cross-validates over every image: kinds with their own splits are pooled first
+        if pool is None and parts is not None:
+            pool = concat_imagesets([parts["train"], parts["val"], parts["test"]])
+        parts = _split_pool(pool, cfg)
+        info["split_mode"] = f"kfold (fold {cfg.split.fold} of {cfg.split.folds}, split.seed {cfg.split.seed})"
     elif pool is not None:
         parts = _split_pool(pool, cfg)
         info["split_mode"] = cfg.split.mode

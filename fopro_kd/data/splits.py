@@ -23,6 +23,8 @@ __all__ = [
     "balanced_group_split",
     "check_splits",
     "concat_imagesets",
+    "kfold_assignment",
+    "kfold_group_split",
     "long_tail_subsample",
     "stratified_group_split",
 ]
@@ -175,6 +177,98 @@ def stratified_group_split(
         c: (int(round(val_fraction * n)), int(round(test_fraction * n))) for c, n in enumerate(class_images)
     }
     return _split_by_targets(data, targets, seed)
+
+
+def _label_view(data: ImageSet, indices: np.ndarray) -> ImageSet:
+    """Labels and groups of ``data[indices]`` with 1x1 placeholder images (the splitters never read pixels)."""
+    pick = indices.tolist()
+    return ImageSet(
+        images=torch.zeros(len(pick), 3, 1, 1, dtype=torch.uint8),
+        labels=data.labels[torch.as_tensor(indices, dtype=torch.int64)].clone(),
+        class_names=list(data.class_names),
+        ids=[data.ids[i] for i in pick],
+        groups=None if data.groups is None else [data.groups[i] for i in pick],
+    )
+
+
+def kfold_assignment(data: ImageSet, folds: int, seed: int) -> np.ndarray:
+    """Fold (0 .. folds-1) of every image: whole groups, stratified by class at group level.
+
+    Per class (a group's class = its majority label), the class's groups are shuffled with
+    ``seed`` and then taken largest first (stable, so equal sizes keep the shuffled order); each
+    goes to the fold holding the fewest images of that class so far (ties: fewest images in
+    all, then the lowest fold). With one image per group this deals the class out round-robin,
+    so every fold gets ``floor`` or ``ceil`` of ``n_c / folds`` images of class ``c``; with
+    multi-image lesions the per-class counts differ by at most one group's size.
+
+    Raises
+    ------
+    ValueError
+        ``folds < 2``, or a class with images but fewer groups than ``folds`` (some fold's test
+        set would have no image of it); the message names ``split.folds``.
+    """
+    if folds < 2:
+        raise ValueError(f"split.folds must be >= 2, got {folds}")
+    members, group_class, sizes = _groups_by_class(data)
+    rng = np.random.default_rng(seed)
+    short = [
+        f"{data.class_names[c]!r} ({int((group_class == c).sum())} groups)"
+        for c in range(data.num_classes)
+        if 0 < int((group_class == c).sum()) < folds
+    ]
+    if short:
+        raise ValueError(
+            f"split.folds={folds} but class(es) {', '.join(short)} have fewer groups (lesions / images) than folds; "
+            f"every fold's test set needs one: lower split.folds or drop the class"
+        )
+    fold_of_group = np.zeros(len(members), dtype=np.int64)
+    fold_images = np.zeros(folds, dtype=np.int64)
+    for c in range(data.num_classes):
+        groups = np.flatnonzero(group_class == c)
+        if len(groups) == 0:
+            continue
+        shuffled = groups[rng.permutation(len(groups))]
+        order = shuffled[np.argsort(-sizes[shuffled], kind="stable")]
+        class_images = np.zeros(folds, dtype=np.int64)
+        for g in order:
+            f = min(range(folds), key=lambda k: (class_images[k], fold_images[k], k))
+            fold_of_group[g] = f
+            class_images[f] += sizes[g]
+            fold_images[f] += sizes[g]
+    assignment = np.zeros(len(data), dtype=np.int64)
+    for g, m in enumerate(members):
+        assignment[m] = fold_of_group[g]
+    return assignment
+
+
+def kfold_group_split(
+    data: ImageSet, folds: int, fold: int, val_per_class: int, max_holdout_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train / val / test of fold ``fold`` of a group-aware stratified k-fold split.
+
+    Test = the images of fold ``fold`` (:func:`kfold_assignment`); so across ``fold = 0 ..
+    folds-1`` every image is tested exactly once and out-of-fold predictions can be pooled.
+    Val = a *balanced* hold-out of about ``val_per_class`` images per class drawn by whole
+    groups from the other folds (capped at ``max_holdout_fraction`` of each class's images
+    there, at least one training group kept), as in :func:`balanced_group_split`: model
+    selection weighs every class equally, like the balanced protocol. Train = the rest.
+
+    Everything depends on ``seed`` (``split.seed``) and ``fold`` only: identical split seeds
+    give identical folds, whatever the run seed.
+
+    Returns
+    -------
+    train, val, test : sorted int64 index arrays into ``data``.
+    """
+    if not 0 <= fold < folds:
+        raise ValueError(f"split.fold must be in 0..{folds - 1} (split.folds={folds}), got {fold}")
+    assignment = kfold_assignment(data, folds, seed)
+    test = np.flatnonzero(assignment == fold).astype(np.int64)
+    rest = np.flatnonzero(assignment != fold).astype(np.int64)
+    # the val draw gets its own stream per fold, derived from the split seed only
+    val_seed = int(np.random.default_rng([seed, fold, 0x6B666F6C]).integers(0, 2**31 - 1))
+    tr, va, _ = balanced_group_split(_label_view(data, rest), val_per_class, 0, max_holdout_fraction, val_seed)
+    return np.sort(rest[tr]), np.sort(rest[va]), test
 
 
 def long_tail_subsample(
