@@ -76,7 +76,7 @@ from server.checkpoints import (  # noqa: E402
 )
 from server.history import RoundLog, RoundRecorder  # noqa: E402
 from server.rounds import FederationAborted, FederationFinished, RoundGuard  # noqa: E402
-from server.strategies import build_strategy, get_strategy_class  # noqa: E402
+from server.strategies import ValidatedWeightedAvg, build_strategy, get_strategy_class  # noqa: E402
 from server.strategies.base import weighted_mean_metrics  # noqa: E402
 from server.strategies.central_dp import CentralDP  # noqa: E402
 
@@ -117,6 +117,19 @@ def check_federation_config(cfg: Config) -> None:
         )
     if fed.local_steps is not None and fed.local_steps <= 0:
         raise ConfigError(f"'federation.local_steps' must be > 0 or null, got {fed.local_steps}")
+    if cfg.privacy.mode == "central":  # DP-FedAvg with public uniform weights (docs/privacy.md §3)
+        if strategy_cls.client_weights is not ValidatedWeightedAvg.client_weights:
+            raise ConfigError(
+                f"'federation.strategy: {fed.strategy}' cannot run with 'privacy.mode: central': its aggregation "
+                "weights are computed from private per-client statistics across clients (FedMAS robust factors, "
+                "class counts), which the central noise does not cover; use 'fedavg' or 'fedprox' (uniform public "
+                "weights) or 'privacy.mode: local'"
+            )
+        if not fed.fraction_train > 0:
+            raise ConfigError(
+                f"'federation.fraction_train' is the Poisson client sampling rate q under 'privacy.mode: central' and "
+                f"must be in (0, 1], got {fed.fraction_train!r}"
+            )
 
 
 def strategy_federation_config(cfg: Config) -> Any:
@@ -373,7 +386,8 @@ def _privacy_summary(cfg: Config, evaluator: ServerEvaluator, recorder: RoundRec
     if central is not None:
         summary.update({"central_epsilon": central.epsilon(), "central_rounds": central.rounds,
                         "central_clip_norm": central.clip_norm, "central_noise_multiplier": central.noise_multiplier,
-                        "central_sample_rates": [q for _, q, _ in central.history]})
+                        "central_sample_rates": [q for _, q, _ in central.history],
+                        "central": central.summary()})  # sensitivity, noise_std, client_sampling, epsilon, delta, ...
     return summary
 
 
@@ -514,7 +528,7 @@ def run_federation(
         evaluate_metrics_aggr_fn=aggregate_metrics, min_valid_replies=fed.min_valid_replies,
         max_update_norm=fed.max_update_norm, transfer_dtype=fed.transfer_dtype))
     evaluator = ServerEvaluator(cfg, splits, run, recorder, parallel_slots)
-    if cfg.privacy.mode == "central":  # clip each update, noise the weighted aggregate (docs/privacy.md §3)
+    if cfg.privacy.mode == "central":  # Poisson sampling, DP-FedAvg with a fixed denominator (docs/privacy.md §3)
         strategy.central_dp = evaluator.central_dp = CentralDP.from_config(cfg)
         strategy.central_dp.public_keys = evaluator.student.frozen_state_keys()
     done = 0

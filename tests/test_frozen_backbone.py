@@ -152,7 +152,7 @@ def test_a_trainable_batchnorm_is_still_reported_when_the_backbone_is_frozen(pub
 
 def test_central_dp_leaves_public_arrays_out_of_clipping_and_noise() -> None:
     strategy = ValidatedWeightedAvg()
-    strategy.central_dp = CentralDP(clip_norm=1.0, noise_multiplier=5.0, delta=1e-5, noise_seed=0)
+    strategy.central_dp = CentralDP(clip_norm=1.0, noise_multiplier=5.0, delta=1e-5, noise_seed=0, population=2)
     strategy.central_dp.public_keys = frozenset({"frozen"})
 
     ref = {"frozen": np.linspace(-1, 1, 50).astype(np.float32), "head": np.zeros(10, np.float32)}
@@ -161,7 +161,7 @@ def test_central_dp_leaves_public_arrays_out_of_clipping_and_noise() -> None:
         out = aggregate_one_round(strategy, ref, replies, [10, 10])
     np.testing.assert_array_equal(out["frozen"], ref["frozen"])  # neither the client's change nor noise
     assert list(strategy.central_dp.last_norms.values())[0] == pytest.approx(0.01 * math.sqrt(10), rel=1e-4)
-    assert float(np.std(out["head"])) > 0.5, "the private head is noised (std 5 x 0.5 x 1)"
+    assert float(np.std(out["head"])) > 0.5, "the private head is noised (std sigma C / W = 5 x 1 / 2)"
 
 
 @pytest.mark.parametrize("mode", ["local", "central"])
@@ -189,6 +189,6 @@ def test_a_dp_federation_keeps_the_public_backbone(mode: str, public_weights: Pa
     assert metrics["rounds_without_aggregation"] == []
     head = payload["state_dict"]["classifier.weight"]
     if mode == "central":
-        assert float(head.std()) > 0.2, "the head carries the central noise (std 2 x max weight x 0.5)"
+        assert float(head.std()) > 0.2, "the head carries the central noise (std sigma C / W = 2 x 0.5 / 3)"
     else:
         assert metrics["dp_epsilon_max"] > 0

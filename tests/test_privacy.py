@@ -20,13 +20,17 @@ from fopro_kd.privacy import (
     budget_reason,
     central_epsilon,
     central_noise_std,
+    central_sensitivity,
     clip_update,
     derive_noise_multiplier,
+    dp_fedavg_estimate,
+    fixed_denominator,
     epsilon_of_history,
     privatize_statistics,
     statistics_policy,
     would_exceed_budget,
 )
+from fopro_kd.privacy.central import check_weights, replace_one_bound
 from fopro_kd.privacy.local_dp import planned_statistics_events, planned_steps_per_round
 from fopro_kd.privacy.sampling import PoissonBatchLoader
 from fopro_kd.privacy.surgery import build_dp_student, make_student_private_compatible, private_compatibility_problems
@@ -325,15 +329,72 @@ def test_central_clipping_bounds_float_norm_and_ignores_integer_buffers() -> Non
     assert small_norm == pytest.approx(0.5) and np.array_equal(small["w"], np.array([0.3, 0.4]))
 
 
-def test_central_noise_uses_the_largest_weight_and_epsilon_composes_rounds() -> None:
-    assert central_noise_std([1, 1, 1, 1], 2.0, 1.5) == pytest.approx(1.5 * 2.0 / 4)
-    assert central_noise_std([10, 30], 1.0, 1.0) == pytest.approx(0.75)
-    assert central_noise_std(np.array([0.1, 0.2, 0.7]), 0.5, 2.0) == pytest.approx(2.0 * 0.7 * 0.5)
-    with pytest.raises(ValueError):
-        central_noise_std([0, 0], 1.0, 1.0)
+def test_central_noise_is_calibrated_to_the_fixed_denominator_and_epsilon_composes_rounds() -> None:
+    """DP-FedAvg: W = q·N fixed, sensitivity C/W (add/remove) or 2C/W (replace), noise std σ·C/W."""
+    assert fixed_denominator(10, 0.5) == pytest.approx(5.0)
+    assert fixed_denominator(4, 1.0) == pytest.approx(4.0)
+    assert central_sensitivity(2.0, 4.0) == pytest.approx(0.5)
+    assert central_sensitivity(2.0, 4.0, adjacency="replace") == pytest.approx(1.0)
+    assert central_noise_std(2.0, 4.0, 1.5) == pytest.approx(1.5 * 2.0 / 4)  # sigma x sensitivity
+    for bad in (lambda: fixed_denominator(0, 1.0), lambda: fixed_denominator(3, 0.0),
+                lambda: central_sensitivity(1.0, 1.0, adjacency="swap"), lambda: check_weights([0.5, 1.5])):
+        with pytest.raises(ValueError):
+            bad()
     from opacus.accountants import RDPAccountant
 
     reference = RDPAccountant()
     reference.history = [(1.2, 0.5, 10)]
     assert central_epsilon(1.2, 0.5, 10, DELTA) == pytest.approx(reference.get_epsilon(DELTA), rel=1e-9)
     assert central_epsilon(1.2, 0.5, 5, DELTA) < central_epsilon(1.2, 0.5, 10, DELTA)
+    assert central_epsilon(1.2, 0.2, 10, DELTA) < central_epsilon(1.2, 0.5, 10, DELTA), "Poisson sampling amplifies"
+    eps2, delta2 = replace_one_bound(1.0, DELTA)
+    assert eps2 == pytest.approx(2.0) and delta2 == pytest.approx((1 + math.e) * DELTA)
+
+
+def _estimate(updates: list[dict[str, np.ndarray]], clip: float, denominator: float) -> np.ndarray:
+    template = {"w": np.zeros(6), "b": np.zeros(2)}
+    est, _ = dp_fedavg_estimate(template, updates, np.ones(len(updates)), clip, denominator)
+    return np.concatenate([est["w"], est["b"]])
+
+
+def test_dp_fedavg_estimate_moves_at_most_its_sensitivity_on_neighbouring_rounds() -> None:
+    """Hand-made neighbours: remove one client, or replace one by an adversarial update, in many random rounds."""
+    rng = np.random.default_rng(0)
+    clip, population, q = 1.0, 6, 0.5
+    denominator = fixed_denominator(population, q)
+    remove_bound = central_sensitivity(clip, denominator)
+    replace_bound = central_sensitivity(clip, denominator, adjacency="replace")
+    worst_remove = worst_replace = 0.0
+    for _ in range(200):
+        m = int(rng.integers(1, population + 1))
+        updates = [{"w": rng.normal(size=6) * rng.choice([0.1, 1.0, 50.0]), "b": rng.normal(size=2)} for _ in range(m)]
+        agg = _estimate(updates, clip, denominator)
+        direction = agg / (np.linalg.norm(agg) or 1.0)
+        adversary = {"w": -1e6 * direction[:6], "b": -1e6 * direction[6:]}  # pulls against the aggregate
+        for k in range(m):
+            removed = _estimate(updates[:k] + updates[k + 1:], clip, denominator)
+            replaced = _estimate(updates[:k] + [adversary] + updates[k + 1:], clip, denominator)
+            worst_remove = max(worst_remove, float(np.linalg.norm(agg - removed)))
+            worst_replace = max(worst_replace, float(np.linalg.norm(agg - replaced)))
+        added = _estimate(updates + [adversary], clip, denominator)
+        worst_remove = max(worst_remove, float(np.linalg.norm(agg - added)))
+    assert worst_remove <= remove_bound * (1 + 1e-9) and worst_replace <= replace_bound * (1 + 1e-9)
+    assert worst_remove > 0.95 * remove_bound and worst_replace > 0.9 * replace_bound, "the bounds are tight"
+    # the empty round (nobody sampled) is defined: the zero estimate, to which the noise is then added
+    assert np.array_equal(_estimate([], clip, denominator), np.zeros(8))
+
+
+def test_renormalised_average_exceeds_the_old_max_weight_bound() -> None:
+    """Why the old rule σ·max α·C was wrong: removing one client rescales the others (moves up to 2·α·C)."""
+    clip = 1.0
+    plus, minus = {"w": np.full(6, 10.0), "b": np.zeros(2)}, {"w": np.full(6, -10.0), "b": np.zeros(2)}
+
+    def renormalised(updates):  # the old estimator: mean over the replying clients
+        return _estimate(updates, clip, float(len(updates)))
+
+    d, d_removed = [plus, plus, plus, minus], [plus, plus, plus]
+    old_bound = clip * 1 / 4  # max alpha x C with alpha = 1/4
+    assert np.linalg.norm(renormalised(d) - renormalised(d_removed)) == pytest.approx(2 * old_bound)
+    fixed = fixed_denominator(4, 1.0)
+    assert np.linalg.norm(_estimate(d, clip, fixed) - _estimate(d_removed, clip, fixed)) == pytest.approx(
+        central_sensitivity(clip, fixed))

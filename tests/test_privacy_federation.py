@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 import fopro_kd.privacy.local_dp as local_dp
 from client.client_app import make_client_app
@@ -30,6 +31,7 @@ from server.evaluation import build_global_student
 from server.server_app import run_federation
 from server.strategies.base import ValidatedWeightedAvg
 from server.strategies.central_dp import CentralDP
+from server.strategies.fedavg import FedAvgStrategy
 from server.strategies.fedmas import FedMASStrategy, fedmas_robust_factor
 
 from federation_helpers import NUM_SITES, LocalGrid, aggregate_one_round, fake_task_identity, preserved_torch_threads  # noqa: E402
@@ -203,7 +205,7 @@ def test_local_dp_federation_reports_epsilon_and_ends_when_budgets_are_spent(tmp
 
 def test_central_dp_clips_each_update_and_leaves_integer_buffers_alone() -> None:
     strategy = ValidatedWeightedAvg()
-    strategy.central_dp = CentralDP(clip_norm=1.0, noise_multiplier=1e-12, delta=1e-5, noise_seed=0)
+    strategy.central_dp = CentralDP(clip_norm=1.0, noise_multiplier=1e-12, delta=1e-5, noise_seed=0, population=3)
     rng = np.random.default_rng(0)
     ref = {"w": rng.normal(size=(20,)).astype(np.float32), "b": np.zeros(3, np.float32),
            "steps": np.array(5, dtype=np.int64)}
@@ -211,38 +213,112 @@ def test_central_dp_clips_each_update_and_leaves_integer_buffers_alone() -> None
     small = {"w": ref["w"].copy(), "b": ref["b"] + np.float32(0.1), "steps": np.array(10**6, dtype=np.int64)}
     same = {k: v.copy() for k, v in ref.items()}
     out = aggregate_one_round(strategy, ref, [huge, small, same], [50, 30, 20])
-    alpha = np.array([0.5, 0.3, 0.2])
     delta = {k: out[k].astype(np.float64) - ref[k].astype(np.float64) for k in ("w", "b")}
     norms = list(strategy.central_dp.last_norms.values())
     assert norms[0] > 1e4 and norms[1] == pytest.approx(0.1 * math.sqrt(3), rel=1e-5) and norms[2] == 0.0
-    # huge update -> exactly C = 1 in the aggregate (times its weight); the small one passes unclipped;
-    # the integer buffer's change (10^6) neither entered the norm nor was scaled
+    # uniform public weights and the fixed W = q x N = 3 (num-examples 50/30/20 are not used): the huge update
+    # enters with norm exactly C = 1, the small one unclipped; the integer buffer neither entered the norm nor was scaled
     direction = np.concatenate([np.full(20, 1e4), np.full(3, 1e4)])
-    expected = alpha[0] * direction / np.linalg.norm(direction) + alpha[1] * np.concatenate([np.zeros(20), np.full(3, 0.1)])
+    expected = (direction / np.linalg.norm(direction) + np.concatenate([np.zeros(20), np.full(3, 0.1)])) / 3
     got = np.concatenate([delta["w"], delta["b"]])
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert np.linalg.norm(got) <= 1.0 + 1e-6
     assert out["steps"].dtype == np.int64 and int(out["steps"]) == 10**6, "integer buffers: base rule, no noise"
     assert strategy.central_dp.last_clipped == 1
+    assert strategy.last_weights == {20: pytest.approx(1 / 3), 21: pytest.approx(1 / 3), 22: pytest.approx(1 / 3)}
 
 
-class _Weighted(ValidatedWeightedAvg):
-    """Non-uniform FedMAS-like weights 0.7 / 0.2 / 0.1."""
-
-    def client_weights(self, server_round, metrics):
-        return np.array([0.7, 0.2, 0.1])
-
-
-def test_central_dp_noise_std_uses_the_largest_weight() -> None:
-    strategy = _Weighted()
-    sigma, clip = 2.0, 0.5
-    strategy.central_dp = CentralDP(clip_norm=clip, noise_multiplier=sigma, delta=1e-5, noise_seed=1)
+def test_central_dp_noise_std_is_set_by_the_fixed_denominator_not_by_the_replies() -> None:
+    sigma, clip, population = 2.0, 0.5, 4
     ref = {"w": np.zeros(200_000, np.float32)}
-    out = aggregate_one_round(strategy, ref, [{"w": ref["w"].copy()} for _ in range(3)], [1, 1, 1])
-    expected_std = sigma * 0.7 * clip  # not sigma * clip / 3
-    assert strategy.central_dp.last_noise_std == pytest.approx(expected_std)
-    assert float(np.std(out["w"])) == pytest.approx(expected_std, rel=0.02)
-    assert strategy.central_dp.epsilon() == pytest.approx(central_epsilon(sigma, 1.0, 1, 1e-5))
+    for replies, counts in (([ref] * 3, [10, 30, 60]), ([ref], [1])):
+        strategy = FedAvgStrategy()
+        strategy.central_dp = CentralDP(clip_norm=clip, noise_multiplier=sigma, delta=1e-5, noise_seed=1,
+                                        population=population)
+        out = aggregate_one_round(strategy, ref, [{"w": r["w"].copy()} for r in replies], counts)
+        expected_std = sigma * clip / population  # sigma x C / W, W = q N; not sigma x max(alpha) x C
+        assert strategy.central_dp.sensitivity == pytest.approx(clip / population)
+        assert strategy.central_dp.last_noise_std == pytest.approx(expected_std)
+        assert float(np.std(out["w"])) == pytest.approx(expected_std, rel=0.02)
+        assert strategy.central_dp.epsilon() == pytest.approx(central_epsilon(sigma, 1.0, 1, 1e-5))
+
+
+def _noise_free_round(replies: list[dict[str, np.ndarray]], ref: dict[str, np.ndarray],
+                      population: int) -> tuple[np.ndarray, float]:
+    """One central-DP round of FedAvg with (practically) no noise; the update and the bound the noise is calibrated to."""
+    strategy = FedAvgStrategy()
+    dp = CentralDP(clip_norm=1.0, noise_multiplier=1e-12, delta=1e-5, noise_seed=0, population=population)
+    strategy.central_dp = dp
+    out = aggregate_one_round(strategy, ref, replies, [10] * len(replies))
+    # the old code had no ``sensitivity``: its noise was calibrated to max alpha x C
+    bound = getattr(dp, "sensitivity", dp.last_noise_std / dp.noise_multiplier)
+    return out["w"].astype(np.float64) - ref["w"], bound
+
+
+def test_central_dp_aggregate_moves_at_most_its_sensitivity_on_neighbouring_rounds() -> None:
+    """Neighbouring rounds through the strategy: a client removed, or replaced by an adversarial update."""
+    ref = {"w": np.zeros(8, np.float32)}
+    up = {"w": np.full(8, 5.0, np.float32)}  # clipped to norm 1 along +1
+    adversary = {"w": np.full(8, -1e3, np.float32)}  # clipped to norm 1 along -1
+    mild = {"w": np.full(8, 0.01, np.float32)}
+    rounds = {"D": [up, up, mild, adversary], "removed": [up, up, mild], "replaced": [up, adversary, mild, adversary],
+              "added": [up, up, mild, adversary, adversary]}
+    agg = {name: _noise_free_round(replies, ref, population=4) for name, replies in rounds.items()}
+    d, bound = agg["D"]
+    tol = 1e-5 * bound  # the released arrays are float32
+    assert np.linalg.norm(d - agg["removed"][0]) <= bound + tol
+    assert np.linalg.norm(d - agg["added"][0]) <= bound + tol
+    assert np.linalg.norm(d - agg["replaced"][0]) <= 2 * bound + tol  # replace-one = 2 x the add/remove sensitivity
+    assert bound == pytest.approx(1.0 / 4)
+
+
+class _Grid:
+    """Just enough of a Grid for ``configure_train``: a fixed list of node ids."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def test_central_dp_samples_clients_by_poisson_and_releases_rounds_without_clients() -> None:
+    ref = {"w": np.zeros(50, np.float32)}
+    arrays = ArrayRecord({"w": Array(ref["w"])})
+    strategy = FedAvgStrategy(min_available_nodes=2, min_train_nodes=2)
+    strategy.central_dp = CentralDP(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, noise_seed=3,
+                                    population=20, sample_rate=0.3)
+    grid = _Grid(list(range(100, 120)))
+    sizes = [len(list(strategy.configure_train(r, arrays, ConfigRecord(), grid))) for r in range(1, 201)]
+    assert len(set(sizes)) > 3, "Poisson sampling: the number of sampled clients varies (Flower samples exactly q N)"
+    assert np.mean(sizes) == pytest.approx(0.3 * 20, rel=0.1)
+
+    strategy = FedAvgStrategy(min_available_nodes=2, min_train_nodes=2)
+    strategy.central_dp = CentralDP(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, noise_seed=3,
+                                    population=3, sample_rate=0.05)
+    grid = _Grid([100, 101, 102])
+    for r in range(1, 50):
+        if not list(strategy.configure_train(r, arrays, ConfigRecord(), grid)):
+            break
+    else:
+        pytest.fail("no round without sampled clients at q = 0.05 over 3 nodes")
+    released, _ = strategy.aggregate_train(r, [])
+    assert released is not None, "a round with no client still releases the noised model"
+    assert float(np.std(released["w"].numpy())) > 0.5 * strategy.central_dp.noise_std
+    assert strategy.central_dp.rounds == 1 and strategy.central_dp.epsilon() > 0
+
+
+def test_central_dp_logs_no_client_update_norm(caplog) -> None:
+    strategy = FedAvgStrategy(max_update_norm=500.0)
+    strategy.central_dp = CentralDP(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, noise_seed=0, population=2)
+    ref = {"w": np.zeros(4, np.float32)}
+    norm_one = 123.456789  # pre-clipping norm of one reply; another is rejected for a norm of 2469.1358
+    replies = [{"w": np.full(4, norm_one / 2, np.float32)}, {"w": np.full(4, norm_one * 10, np.float32)}]
+    with caplog.at_level(logging.DEBUG):
+        aggregate_one_round(strategy, ref, replies, [1, 1])
+    text = caplog.text + " ".join(r["reason"] for r in strategy.last_rejections)
+    assert strategy.last_rejections and strategy.last_rejections[0]["check"] == "update-norm"
+    assert "123.4" not in text and "2469" not in text, text
 
 
 def test_central_dp_federation_records_central_epsilon(tmp_path: Path) -> None:
@@ -255,6 +331,12 @@ def test_central_dp_federation_records_central_epsilon(tmp_path: Path) -> None:
     assert eps[0] == 0.0 and 0 < eps[1] < eps[2]
     assert eps[2] == pytest.approx(central_epsilon(1.5, 1.0, 2, 1e-5))
     assert metrics["central_epsilon"] == pytest.approx(eps[2]) and metrics["privacy"]["central_rounds"] == 2
-    assert float(rows[2]["central-noise-std"]) == pytest.approx(1.5 * 0.5 * max(float(rows[2][f"weight/site-{k}"])
-                                                                                for k in range(3)))
+    n = cfg.federation.num_clients
+    central = metrics["privacy"]["central"]
+    assert central["sensitivity"] == pytest.approx(0.5 / n)  # C / W with W = q N, q = 1
+    assert central["noise_std"] == pytest.approx(1.5 * 0.5 / n) == pytest.approx(float(rows[2]["central-noise-std"]))
+    assert central["client_sampling"] == "poisson" and central["sample_rate"] == 1.0
+    assert central["epsilon"] == pytest.approx(eps[2]) and central["delta"] == 1e-5
+    assert central["adjacency"] == "add-remove" and central["epsilon_replace_one"] == pytest.approx(2 * eps[2])
+    assert all(float(rows[2][f"weight/site-{k}"]) == pytest.approx(1 / n) for k in range(n)), "uniform w_k / W"
     assert metrics["per_site"] == {} and not any(k.startswith("site_bacc/") for k in rows[1])

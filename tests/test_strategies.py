@@ -534,3 +534,44 @@ def test_compressed_transfer_rejects_a_reply_in_another_dtype():
     assert [r["check"] for r in strategy.last_rejections] == ["dtype"]
     with pytest.raises(ValueError, match="transfer_dtype"):
         FedAvgStrategy(transfer_dtype="int8")
+
+
+# --------------------------------------------------------------------------- central DP: which weights are allowed
+
+
+@pytest.mark.parametrize("name", ["fedmas", "class_balanced"])
+def test_central_dp_refuses_strategies_whose_weights_come_from_private_statistics(name):
+    """FedMAS ρ_k / Σ ρ_j and class-balanced weights normalise private statistics across clients: refused."""
+    from fopro_kd.config import ConfigError, config_from_dict
+    from server.server_app import check_federation_config
+    from server.strategies.central_dp import CentralDP
+    from simulations.tiny_federation import tiny_federation_values
+
+    cfg = config_from_dict(tiny_federation_values(federation={"strategy": name}, privacy={"mode": "central"}))
+    with pytest.raises(ConfigError, match=rf"'federation.strategy: {name}' cannot run with 'privacy.mode: central'"):
+        check_federation_config(cfg)
+    strategy = build_strategy(cfg.federation)
+    with pytest.raises(ConfigError, match=name):
+        strategy.central_dp = CentralDP(1.0, 1.0, 1e-5, population=3)
+    assert strategy.central_dp is None
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_central_dp_accepts_fedavg_and_fedprox_with_uniform_public_weights(name):
+    from fopro_kd.config import ConfigError, config_from_dict
+    from server.server_app import check_federation_config
+    from server.strategies.central_dp import CentralDP
+    from simulations.tiny_federation import tiny_federation_values
+
+    values = tiny_federation_values(federation={"strategy": name}, privacy={"mode": "central"})
+    check_federation_config(config_from_dict(values))
+    values["federation"]["fraction_train"] = 0.0  # q = 0 would never sample anyone
+    with pytest.raises(ConfigError, match="fraction_train"):
+        check_federation_config(config_from_dict(values))
+    strategy = STRATEGIES[name]()
+    strategy.central_dp = CentralDP(1.0, 1.0, 1e-5, noise_seed=0, population=2)
+    strategy.set_reference(global_arrays())
+    replies = [reply(10, client_arrays(0.1, 3), {"num-examples": 10}),
+               reply(11, client_arrays(0.2, 5), {"num-examples": 990})]
+    strategy.aggregate_train(1, replies)
+    assert strategy.last_weights == {10: pytest.approx(0.5), 11: pytest.approx(0.5)}, "num-examples are not used"

@@ -5,7 +5,8 @@
   :mod:`~fopro_kd.privacy.surgery`; Poisson batches in :mod:`~fopro_kd.privacy.sampling`;
   accounting and budget checks in :mod:`~fopro_kd.privacy.accounting`; statistics in
   :mod:`~fopro_kd.privacy.statistics`.
-* ``central`` mode (user-level DP at the server): pure numpy helpers in :mod:`~fopro_kd.privacy.central`.
+* ``central`` mode (user-level DP at the server, DP-FedAvg with a fixed denominator): pure numpy helpers in
+  :mod:`~fopro_kd.privacy.central`.
 
 Importing this package does not import Opacus; the submodules that need it import it lazily.
 """
@@ -21,7 +22,16 @@ from fopro_kd.privacy.accounting import (
     sample_rate_for,
     would_exceed_budget,
 )
-from fopro_kd.privacy.central import add_central_noise, central_epsilon, central_noise_std, clip_update, update_norm
+from fopro_kd.privacy.central import (
+    add_central_noise,
+    central_epsilon,
+    central_noise_std,
+    central_sensitivity,
+    clip_update,
+    dp_fedavg_estimate,
+    fixed_denominator,
+    update_norm,
+)
 from fopro_kd.privacy.statistics import privatize_class_counts, privatize_statistics, statistics_event, statistics_policy
 
 __all__ = [
@@ -31,9 +41,12 @@ __all__ = [
     "build_dp_student",
     "central_epsilon",
     "central_noise_std",
+    "central_sensitivity",
     "clip_update",
     "derive_noise_multiplier",
+    "dp_fedavg_estimate",
     "epsilon_of_history",
+    "fixed_denominator",
     "make_accountant",
     "make_student_private_compatible",
     "privatize_class_counts",

@@ -22,9 +22,19 @@ normalisation buffers"; §9 item 8 forbids averaging integer buffers):
   averaged: the element-wise maximum over the valid clients is kept, in the original dtype.
 
 Central DP hook (``privacy.mode: central``): when :attr:`ValidatedWeightedAvg.central_dp` is
-set (:class:`server.strategies.central_dp.CentralDP`), step 5 clips each valid client's
-update against the global arrays sent this round, averages the clipped updates with the same
-weights and adds noise calibrated to the largest weight (docs/privacy.md §3).
+set (:class:`server.strategies.central_dp.CentralDP`, DP-FedAvg with a fixed denominator,
+docs/privacy.md §3):
+
+* ``configure_train`` samples the clients by **Poisson sampling** (each node independently with
+  probability q = ``fraction_train``, secret RNG), not Flower's fixed-size sample; a round may
+  sample nobody;
+* steps 3-5 are replaced: the weights are public (w_k = 1, the hook :meth:`client_weights` is
+  not used), the clipped updates are summed and divided by the fixed W = q·N, and the noise is
+  calibrated to that estimator's sensitivity. Every round releases a noised model (the noise
+  alone when no valid reply came): ``min_valid_replies`` and the all-zero fallback do not apply;
+* strategies with their own weight rule (FedMAS, class-balanced: weights from private
+  statistics of several clients) are refused when ``central_dp`` is set (a ``ConfigError``
+  naming the strategy).
 """
 
 from __future__ import annotations
@@ -35,12 +45,14 @@ from logging import INFO, WARNING
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fopro_kd.compression import SUPPORTED_DTYPES, encode_for_transfer, restore_numpy_dtypes
+from fopro_kd.config import ConfigError
 from server.validation import NUM_EXAMPLES_KEY, reason_check, to_numpy_dict, validate_arrays, validate_metrics
 
 __all__ = ["ValidatedWeightedAvg", "weighted_mean_metrics"]
@@ -147,8 +159,38 @@ class ValidatedWeightedAvg(FedAvg):
         self.last_weights: dict[int, float] = {}
         self.last_rejections: list[dict[str, Any]] = []
         self._reference: ArrayRecord | None = None
-        self.central_dp: Any = None
-        """``CentralDP`` (server/strategies/central_dp.py) in ``privacy.mode: central``: clip + noise in step 5."""
+        self._central_dp: Any = None
+
+    # ------------------------------------------------------------------ central DP
+
+    @property
+    def central_dp(self) -> Any:
+        """``CentralDP`` (server/strategies/central_dp.py) in ``privacy.mode: central``, else None.
+
+        Setting it refuses a strategy with its own weight rule (:meth:`client_weights`
+        overridden): under central DP the weights are public and uniform, so such a strategy
+        would silently stop being itself, and its own weights (FedMAS ρ_k / Σ ρ_j, class-balanced
+        counts) normalise private statistics of several clients, which the noise does not cover.
+        """
+        return self._central_dp
+
+    @central_dp.setter
+    def central_dp(self, value: Any) -> None:
+        if value is not None:
+            if type(self).client_weights is not ValidatedWeightedAvg.client_weights:
+                raise ConfigError(
+                    f"'federation.strategy: {self.name}' cannot run with 'privacy.mode: central': its aggregation "
+                    "weights are computed from private per-client statistics across clients, which DP-FedAvg's noise "
+                    "does not cover; use 'fedavg' or 'fedprox' (uniform public weights, docs/privacy.md §3) or "
+                    "'privacy.mode: local'"
+                )
+            log(INFO, "central DP: '%s' aggregates by DP-FedAvg with uniform public weights w_k = 1 and the fixed "
+                "denominator W = q x N = %.4g (its num-examples weights are not used); Poisson client sampling q = %.4g",
+                self.name, value.denominator, value.sample_rate)
+            if self.min_valid_replies > 1:
+                log(WARNING, "central DP: min_valid_replies=%d does not apply; every round releases a noised model",
+                    self.min_valid_replies)
+        self._central_dp = value
 
     # ------------------------------------------------------------------ config glue
 
@@ -174,12 +216,29 @@ class ValidatedWeightedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global arrays sent this round, then configure as FedAvg."""
+        """Remember the global arrays sent this round, then configure as FedAvg (central DP: Poisson sampling)."""
         self.set_reference(arrays)
-        messages = list(super().configure_train(server_round, self.encode_global(arrays), config, grid))
-        if self.central_dp is not None:  # client sampling rate q of this round, for the central accountant
-            self.central_dp.set_sample_rate(len(messages), len(list(grid.get_node_ids())))
-        return messages
+        if self.central_dp is not None:
+            return self._configure_train_poisson(server_round, self.encode_global(arrays), config, grid)
+        return list(super().configure_train(server_round, self.encode_global(arrays), config, grid))
+
+    def _configure_train_poisson(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """FedAvg's ``configure_train`` with the sample drawn by ``central_dp.sample_clients`` (Poisson, rate q).
+
+        The accountant's subsampled Gaussian assumes exactly this: each hospital is in the
+        round independently with probability q, unknown to everyone else. Flower's fixed-size
+        ``random.sample`` (and ``min_train_nodes``) would not match it. The wait for
+        ``min_available_nodes`` connected nodes is kept (it depends on no hospital's data).
+        """
+        _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)
+        node_ids = self.central_dp.sample_clients(all_nodes)
+        log(INFO, "configure_train: central DP, Poisson sampling (q = %.4g) of %d node(s)",
+            self.central_dp.sample_rate, len(all_nodes))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, node_ids, MessageType.TRAIN))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -277,10 +336,16 @@ class ValidatedWeightedAvg(FedAvg):
                 metric_record
             )
             del values
+            if reason is not None and self.central_dp is not None and reason_check(reason) == "update-norm":
+                # under central DP a client's update norm is outside the guarantee: not logged or written
+                reason = f"update-norm: the update's L2 norm is above the bound {norm_bound:.6g} (value not recorded)"
             if reason is not None:
                 self._reject(server_round, node, reason)
                 continue
             valid.append((msg, metric_record))
+
+        if self.central_dp is not None:
+            return self._aggregate_central(server_round, valid, reference_np)
 
         # 3./4. guarded weights
         weights = self._guarded_weights(server_round, valid)
@@ -301,17 +366,9 @@ class ValidatedWeightedAvg(FedAvg):
         alpha = alpha / alpha.sum()
         self.last_weights = {_node_id(msg): float(a) for (msg, _), a in zip(valid, alpha)}
 
-        # 5. dtype-preserving average (central DP: of the clipped updates, plus calibrated noise),
-        #    decoding the validated replies a second time, one at a time
+        # 5. dtype-preserving average, decoding the validated replies a second time, one at a time
         decoded = (self._decode(self._records(msg.content)[0], reference_np) for msg, _ in valid)
-        if self.central_dp is not None:
-            if self._reference is None:
-                raise RuntimeError("central DP needs the global arrays sent this round (configure_train was not called)")
-            noisy = self.central_dp.aggregate(server_round, reference_np, list(decoded), alpha,
-                                              [_node_id(msg) for msg, _ in valid])
-            aggregated = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in noisy.items()})
-        else:
-            aggregated = self._average(decoded, alpha)
+        aggregated = self._average(decoded, alpha)
         log(
             INFO,
             "Round %s: aggregated %d replies (%d rejected); weights %s",
@@ -321,6 +378,31 @@ class ValidatedWeightedAvg(FedAvg):
             {n: round(a, 4) for n, a in self.last_weights.items()},
         )
         return aggregated, self._train_metrics([msg for msg, _ in valid], [m for _, m in valid])
+
+    def _aggregate_central(
+        self, server_round: int, valid: list[tuple[Message, MetricRecord]], reference_np: dict[str, np.ndarray] | None
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Central DP: θ + (Σ w_k clip(Δ_k) + noise) / W over the valid replies, released whatever their number.
+
+        A failed, missing or invalid reply contributes nothing (a zero update, within every
+        client's sensitivity bound); the weights are public (``central_dp.client_weights``) and
+        are never renormalised over the replies.
+        """
+        if self._reference is None or reference_np is None:
+            raise RuntimeError("central DP needs the global arrays sent this round (configure_train was not called)")
+        metrics = [m for _, m in valid]
+        weights = self.central_dp.client_weights(metrics)
+        node_ids = [_node_id(msg) for msg, _ in valid]
+        decoded = (self._decode(self._records(msg.content)[0], reference_np) for msg, _ in valid)
+        noisy = self.central_dp.aggregate(server_round, reference_np, decoded, weights, node_ids)
+        aggregated = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in noisy.items()})
+        self.last_weights = {node: float(w) / self.central_dp.denominator for node, w in zip(node_ids, weights)}
+        log(INFO, "Round %s: central DP aggregate of %d valid repl%s (%d rejected), divided by the fixed W = %.4g",
+            server_round, len(valid), "y" if len(valid) == 1 else "ies", len(self.last_rejections),
+            self.central_dp.denominator)
+        train_metrics = (self._train_metrics([msg for msg, _ in valid], metrics) if valid
+                         else MetricRecord({NUM_EXAMPLES_KEY: 0}))
+        return aggregated, train_metrics
 
     def _guarded_weights(self, server_round: int, valid: list[tuple[Message, MetricRecord]]) -> np.ndarray:
         """Hook weights with bad entries replaced by NaN (= dropped) and all-zero -> uniform."""
