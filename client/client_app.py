@@ -24,7 +24,12 @@ evaluate handler refuses (federated evaluation is disabled: per-class test count
 the guarantee).
 
 State that must survive between rounds (optimizer, prompt, probe, RNG, class counts) is
-kept in a private per-site directory (:mod:`client.state`) and never leaves the node.
+kept in a private per-site directory (:mod:`client.state`) and never leaves the node. Under
+local DP the privacy spent is kept apart, in the site's append-only privacy ledger at the
+state root (:mod:`fopro_kd.privacy.ledger`, docs/privacy.md §2.4): it is opened fail-closed
+before anything is built, it replaces the DP history of whatever state was loaded, a round
+number that does not increase over its last charged round is refused (error reply naming the
+round), and every round is charged to it on disk before the reply is built.
 
 Two ways to get the configuration:
 
@@ -363,7 +368,7 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
     dp = trainer.dp  # privacy.mode local: DP-SGD state; its accountant is the ledger's, never the state's
     fedmas = cfg.federation.strategy == "fedmas"
     epochs, max_steps = local_schedule(cfg, len(data.train))
-    charged: list = []
+    charged: list[tuple[float, float, int]] = []
     if dp is not None:
         assert ledger is not None and ledger_store is not None
         _use_ledger(trainer, ledger, store.run_key)
@@ -382,17 +387,20 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
         dp.accountant = make_accountant(dp.mechanism, {"history": ledger.history(), "mechanism": dp.mechanism})
 
     prior = None
-    start = time.perf_counter()
     try:
         if fedmas:
             if dp is None:
                 prior = class_rep_prior(student, teacher, prompt, data.train, cfg, device)
             elif statistics_policy(cfg) == "noised":  # FedMAS step 1, released by the Gaussian mechanism
                 prior, _ = dp.private_class_rep_prior(data.train, student)
+        start = time.perf_counter()
         result = trainer.train(
             data.train, epochs=epochs, max_steps=max_steps, total_epochs=cfg.federation.num_rounds * epochs,
             proximal_mu=mu, global_params=global_state, track_class_rep=fedmas,
         )
+        train_seconds = time.perf_counter() - start
+        if dp is not None:
+            dp.shared_class_counts()  # a first class-count release not made in training (no class prior) is charged too
     except PrivacyBudgetExhausted as exc:
         # the pre-check makes this unreachable; if a release still does not fit, charge what was spent, then decline
         if dp is None:
@@ -410,7 +418,6 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
                 logger.exception("%s round %d: could not charge the releases of a failed round", spec.node,
                                  server_round)
         raise
-    train_seconds = time.perf_counter() - start
     if dp is not None:
         charge()  # before the metrics (dp-epsilon from the ledger) and before the reply is built
         if dp.target_epsilon is not None and dp.epsilon() > dp.target_epsilon * (1 + 1e-9):

@@ -101,7 +101,7 @@ def site_has_state(root: str | Path, site_id: int) -> bool:
     base = Path(root).expanduser()
     if not base.is_dir():
         return False
-    return any(base.glob(f"*/site-{int(site_id)}/{STATE_FILE}")) or any(base.glob(f"*/site-{int(site_id)}/{PREV_STATE_FILE}"))
+    return any(any(base.glob(f"*/site-{int(site_id)}/{name}")) for name in (STATE_FILE, PREV_STATE_FILE))
 
 
 STATE_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

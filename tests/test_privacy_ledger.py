@@ -139,7 +139,8 @@ def test_fresh_start_value_parsing() -> None:
 
 
 def test_ledger_body_validation_refuses_non_increasing_entries() -> None:
-    body = PrivacyLedger(0, entries=[{"run": "r", "round": 2, "events": []}, {"run": "r", "round": 2, "events": []}]).body()
+    entries = [{"run": "r", "round": 2, "events": []}, {"run": "r", "round": 2, "events": []}]
+    body = PrivacyLedger(0, entries=entries).body()
     with pytest.raises(PrivacyLedgerError, match="does not increase"):
         PrivacyLedger.from_body(body, 0, "test")
 
@@ -288,3 +289,21 @@ def test_reply_is_not_sent_when_the_charge_cannot_be_written(cfg, arrays, tmp_pa
     assert ledger_epsilon(tmp_path) == pytest.approx(epsilon_of_history(
         PrivacyLedgerStore(tmp_path, 0).read().history(), DELTA))
     assert trained_rounds(tmp_path) == 1, "no model state is saved for a round whose charge failed"
+
+
+@pytest.mark.parametrize("sections", [
+    {"federation": {"strategy": "fedmas", "fedmas_rule": "mas"}},  # FedMAS prior + state, released by the site
+    {"train": {"method": "ce"}, "federation": {"strategy": "class_balanced"}},  # counts released after training
+], ids=["fedmas-statistics", "ce-shared-counts"])
+def test_every_release_of_the_round_is_in_the_ledger_before_the_reply(tmp_path: Path, sections) -> None:
+    values = shared_tiny_values(privacy={"mode": "local", "target_epsilon": None, "noise_multiplier": 1.0,
+                                         "statistics_noise_multiplier": 5.0},
+                                **{k: dict(v) for k, v in sections.items()})
+    cfg = config_from_dict(values)
+    reply = train(make_client_app(cfg, state_root=tmp_path), global_arrays(cfg), 1, site_context())
+    assert not reply.has_error() and "arrays" in reply.content.array_records
+    ledger = PrivacyLedgerStore(tmp_path, 0).read()
+    statistics = sum(steps for sigma, q, steps in ledger.history() if q == 1.0 and sigma == 5.0)
+    assert statistics == (3 if cfg.federation.strategy == "fedmas" else 1), ledger.history()
+    assert ledger.class_counts("run-fed1") is not None
+    assert ledger.epsilon(DELTA) == pytest.approx(reply.content["metrics"]["dp-epsilon"])

@@ -311,7 +311,8 @@ class PrivacyLedgerStore:
                 except PrivacyLedgerError as exc:
                     if not fresh_start:
                         raise PrivacyLedgerError(f"site-{self.site_id}: {exc}; {hint}") from exc
-                    aside = self.path.with_name(f"{self.path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+                    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                    aside = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
                     os.replace(self.path, aside)
                     logger.warning("site-%d: %s; %s=true: kept it as %s and starting a new ledger",
                                    self.site_id, exc, FRESH_START_KEY, aside.name)

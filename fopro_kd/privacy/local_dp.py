@@ -127,7 +127,10 @@ class DPContext:
 
     Created by the trainer when ``cfg.privacy.mode == "local"``. Its :meth:`state_dict` (also
     available as :meth:`accountant_state`) is plain JSON and is part of ``trainer.state_dict()``
-    under ``"privacy"``; restoring it makes ε compose over rounds.
+    under ``"privacy"``; restoring it makes ε compose over rounds. In the federation the client
+    then loads the history from the append-only privacy ledger over it
+    (:mod:`fopro_kd.privacy.ledger`): the model state may be an older or a fresh one, the ledger
+    never is.
     """
 
     def __init__(self, trainer: LocalTrainer) -> None:
