@@ -12,7 +12,9 @@ hospital's budget is an event of that history:
   subsampling): ``(σ_stat, 1.0, 1)``.
 
 The accountant's ``state_dict()`` (``{"history": [...], "mechanism": "rdp"}``) is plain
-JSON; it persists on the client between rounds, so ε composes over the whole federation.
+JSON; it persists on the client between rounds, so ε composes over the whole federation. In the
+federation the authoritative copy is the site's append-only privacy ledger
+(:mod:`fopro_kd.privacy.ledger`), which no reload of the model state rolls back.
 """
 
 from __future__ import annotations
