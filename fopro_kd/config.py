@@ -197,7 +197,14 @@ class ProbeConfig:
 class AKDConfig:
     """How the prompt is trained (method.md §4). ``off`` keeps the prompt fixed."""
 
-    mode: Literal["off", "minmax", "discriminative"] = "discriminative"
+    mode: Literal["off", "minmax", "discriminative", "prototype", "bn_stats"] = "discriminative"
+    """The prompt's objective (fopro_kd/prompt_objectives.py, formulas in docs/method-notes.md)."""
+    support_per_class: int = 16
+    """``prototype``: images per class in the held-out support fold (whole groups, at most half a class's groups)."""
+    support_per_step: int = 4
+    """``prototype``: support images per class drawn at each prompt step to form the prototypes."""
+    temperature: float = 0.1
+    """``prototype``: τ of the cosine logits cos(f, p_c) / τ."""
     k_g: int = 1
     k_s: int = 1
     warmup_epochs: int = 0
@@ -350,7 +357,7 @@ _POSITIVE = {
     "data.image_size", "data.num_classes", "data.max_per_class", "train.epochs", "train.batch_size",
     "train.eval_batch_size", "train.lr", "prompt.eps", "prompt.band", "prompt.lr", "prompt.generator_hidden",
     "federation.num_rounds", "federation.num_clients", "federation.local_epochs", "federation.round_timeout_s",
-    "akd.k_g", "akd.k_s", "akd.prompt_every", "teacher.hub_timeout_s", "federation.client_num_cpus", "federation.client_num_threads",
+    "akd.k_g", "akd.k_s", "akd.prompt_every", "akd.support_per_class", "akd.support_per_step", "akd.temperature", "teacher.hub_timeout_s", "federation.client_num_cpus", "federation.client_num_threads",
     "federation.min_available_clients",
 }
 _NON_NEGATIVE = {
@@ -462,6 +469,11 @@ def _check_teacher_schedule(cfg: Config, source: str) -> None:
         problem = feature_cache_problem(cfg)
         if problem is not None:
             raise ConfigError(f"{source}: 'train.cache_teacher_features' cannot be used: {problem}")
+    if (cfg.privacy.mode == "local" and cfg.privacy.prompt == "dp" and cfg.train.method == "fopro-kd"
+            and cfg.akd.mode not in ("off", "discriminative", "minmax")):
+        raise ConfigError(
+            f"{source}: 'akd.mode' {cfg.akd.mode!r} has no DP-SGD prompt step; with privacy.prompt 'dp' use "
+            "'discriminative' or 'minmax', or privacy.prompt 'frozen'")
     if cfg.train.max_cache_gb <= 0:
         raise ConfigError(f"{source}: 'train.max_cache_gb' must be > 0, got {cfg.train.max_cache_gb!r}")
 

@@ -25,6 +25,7 @@ from fopro_kd.losses import EKDLoss, build_classification_loss, representation_l
 from fopro_kd.models.student import EKDStudent
 from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.prompt import FourierPrompt
+from fopro_kd.prompt_objectives import ObjectiveContext, build_prompt_objective
 from fopro_kd.training.feature_cache import TeacherFeatureCache, apply_flip_view
 from fopro_kd.training.teacher_view import teacher_features, teacher_targets
 
@@ -113,6 +114,8 @@ class LocalTrainer:
             self.prompt_optimizer = torch.optim.Adam(params, lr=cfg.prompt.lr)
             prior = self.class_counts / max(1, self.class_counts.sum())
             self._log_prior = torch.log(torch.as_tensor(prior, dtype=torch.float32) + 1e-12).to(device)
+        self.objective: nn.Module | None = None  # built at the first train() call (it may need the data)
+        self.objective_excluded: Tensor | None = None
         self.feature_cache: TeacherFeatureCache | None = None
         self.two_stage = self.prompt is not None and cfg.prompt.schedule == "two_stage"
         self.epochs_done = 0
@@ -198,6 +201,8 @@ class LocalTrainer:
             raise ValueError("cannot train on an empty dataset")
         if self.feature_cache is not None and self.feature_cache.num_images != len(data):
             raise ValueError("the teacher feature cache was built for another dataset")
+        if self.akd_mode != "off" and self.objective is None:
+            self._build_objective(data)
         total_epochs = total_epochs or (self.epochs_done + epochs)
         sums: dict[str, float] = {}
         result = EpochResult()
@@ -281,8 +286,10 @@ class LocalTrainer:
         targets = None
         if self.teacher is not None:
             if train_prompt:
-                prompt_steps = self.dp.prompt_steps if self.dp is not None else self._prompt_steps
-                targets, prompt_terms = prompt_steps(student_in, teacher_in, y)
+                if self.dp is not None:
+                    targets, prompt_terms = self.dp.prompt_steps(student_in, teacher_in, y)
+                else:
+                    targets, prompt_terms = self._prompt_steps(student_in, teacher_in, y, indices)
                 terms.update(prompt_terms)
             elif self.feature_cache is not None:
                 targets = self.feature_cache.lookup(indices, views).to(self.device)
@@ -321,34 +328,57 @@ class LocalTrainer:
             self.optimizer.step()
         return terms
 
-    def _prompt_steps(self, student_in: Tensor, teacher_in: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Update the prompt (k_g steps) and return the teacher targets it produced.
+    def _build_objective(self, data: ImageSet) -> None:
+        """The registered ``akd.mode`` objective (fopro_kd/prompt_objectives.py) for this site's data."""
+        assert self.teacher is not None and self.prompt is not None
+        domain = self.cfg.prompt.domain
+        teacher, prompt = self.teacher, self.prompt
+        ctx = ObjectiveContext(
+            teacher=teacher, feature_dim=teacher.feature_dim, class_counts=self.class_counts, data=data,
+            features_of=lambda x01: teacher_features(teacher, x01, prompt, domain), device=self.device,
+            seed=int(self.cfg.seed), support_per_class=self.cfg.akd.support_per_class,
+            support_per_step=self.cfg.akd.support_per_step, temperature=self.cfg.akd.temperature,
+            probe=self.probe, log_prior=getattr(self, "_log_prior", None),
+        )
+        self.objective = build_prompt_objective(self.akd_mode, ctx)
+        excluded = getattr(self.objective, "excluded", None)
+        self.objective_excluded = torch.as_tensor(excluded()) if excluded is not None else None
+
+    def _prompt_steps(
+        self, student_in: Tensor, teacher_in: Tensor, y: Tensor, indices: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Update the prompt (k_g steps of its ``akd.mode`` objective) and return the teacher targets it produced.
 
         The features of the last prompt step are reused (detached) as the student's
         targets, which saves one teacher forward per step; they come from the prompt
         just before its last update.
         """
         assert self.prompt is not None and self.prompt_optimizer is not None and self.teacher is not None
+        assert self.objective is not None
         domain = self.cfg.prompt.domain
         terms: dict[str, float] = {}
         projection = None
-        if self.akd_mode == "minmax":
+        if getattr(self.objective, "needs_student", False):
             with torch.no_grad():
                 projection = self.student.forward_train(student_in).projection.float()
+        keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
+        if self.objective_excluded is not None:
+            keep = ~torch.isin(indices.cpu(), self.objective_excluded).to(y.device)
+        records = getattr(self.objective, "records_teacher_forward", False)
         feats = None
         for _ in range(self.cfg.akd.k_g):
             with autocast_context(self.device):
-                feats = teacher_features(self.teacher, teacher_in, self.prompt, domain).float()
+                if records:
+                    self.objective.start_recording()
+                try:
+                    feats = teacher_features(self.teacher, teacher_in, self.prompt, domain).float()
+                finally:
+                    if records:
+                        self.objective.stop_recording()
                 reg = self.prompt.regularizer(self.teacher.resize(teacher_in))
-                if self.akd_mode == "minmax":
-                    discrepancy = representation_loss(projection, feats).mean()
-                    objective = -(discrepancy) + reg
-                    terms["prompt_discrepancy"] = float(discrepancy.detach())
-                else:
-                    logits = self.probe(feats) + self._log_prior
-                    probe_loss = nn.functional.cross_entropy(logits, y)
-                    objective = probe_loss + reg
-                    terms["prompt_probe_loss"] = float(probe_loss.detach())
+                loss, objective_terms = self.objective(feats, y, keep, projection)
+                objective = loss + reg
+                terms.update(objective_terms)
             self.prompt_optimizer.zero_grad(set_to_none=True)
             objective.backward()
             self.prompt_optimizer.step()
