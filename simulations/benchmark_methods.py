@@ -180,11 +180,17 @@ def run_benchmark(
     def fold_overrides(fold: int | None) -> list[str]:
         return [] if fold is None else ["split.mode=kfold", f"split.folds={folds}", f"split.fold={fold}"]
 
-    for extra in variants.values():  # every variant's config is valid (fails before any training)
-        load_config(config, overrides + fold_overrides(fold_list[0]) + extra)
-    first_splits = build_splits(load_config(config, overrides + fold_overrides(fold_list[0])))
+    base = load_config(config, overrides + fold_overrides(fold_list[0]))
+    own_data = set()  # variants whose overrides change data.* / split.*: they build their own split
+    for method, extra in variants.items():  # every variant's config is valid (fails before any training)
+        cfg = load_config(config, overrides + fold_overrides(fold_list[0]) + extra).to_dict()
+        if (cfg["data"], cfg["split"]) != (base.to_dict()["data"], base.to_dict()["split"]):
+            own_data.add(method)
+    first_splits = build_splits(base)
     class_names = list(first_splits.class_names)
     rare = resolve_rare_classes(rare_classes, class_names, first_splits.train.class_counts())
+    if federated:
+        first_splits = None  # the simulation builds its own; do not hold a second copy of the images
     settings = {
         "reference": reference, "seeds": list(seeds), "folds": folds, "federated": federated,
         "rare_classes": [class_names[c] for c in rare], "n_boot": n_boot,
@@ -200,12 +206,13 @@ def run_benchmark(
         if not federated:
             splits = first_splits if fold == fold_list[0] else build_splits(
                 load_config(config, overrides + fold_overrides(fold)))
+            first_splits = None  # at most one fold's images in memory
         for seed in seeds:
             for method, extra in variants.items():
                 name = f"{method}-seed{seed}" + ("" if fold is None else f"-fold{fold}")
                 seed_override = [f"seed={run_seed(seed, fold)}"]
                 metrics = _run_variant(config, overrides + fold_overrides(fold) + seed_override + extra,
-                                       out / name, splits, federated)
+                                       out / name, None if method in own_data else splits, federated)
                 pred = load_predictions(out / name)
                 predictions.setdefault((method, seed), []).append(pred)
                 rows.append({
