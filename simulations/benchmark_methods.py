@@ -309,10 +309,10 @@ def format_table(results: dict[str, Any]) -> str:
     summary, paired = results.get("summary", {}), results.get("paired", {})
     reference = results.get("reference", methods[0])
     rare = ",".join(results.get("rare_classes", []))
+    pooled = f", {results['folds']}-fold pooled" if results.get("folds") else ""
     lines = [
-        f"{len(results.get('seeds', []))} seed(s)" + (f", {results['folds']}-fold pooled" if results.get("folds") else "")
-        + f", {results.get('n_test', '?')} test images; rare = {rare}; differences vs {reference!r} in points, "
-        f"paired bootstrap 95% interval",
+        f"{len(results.get('seeds', []))} seed(s){pooled}, {results.get('n_test', '?')} test images; rare = {rare}; "
+        f"differences vs {reference!r} in points, paired bootstrap 95% interval",
         f"{'variant':<24} {'bACC':>12} {'rare':>12} {'d bACC [95% CI]':>28} {'d rare [95% CI]':>28} "
         f"{'s/unit':>8} {'rel.time':>8}",
     ]
