@@ -322,21 +322,30 @@ def test_central_dp_logs_no_client_update_norm(caplog) -> None:
 
 
 def test_central_dp_federation_records_central_epsilon(tmp_path: Path) -> None:
-    cfg = tiny_config(train={"method": "bsm"}, privacy={"mode": "central", "target_epsilon": None,
-                                                       "central_noise_multiplier": 1.5, "central_clip_norm": 0.5})
+    """Poisson sampling (q = 0.3) through the whole server: rounds without a client still release and are accounted."""
+    q = 0.3
+    cfg = tiny_config(train={"method": "bsm"}, federation={"fraction_train": q, "num_rounds": 3},
+                      privacy={"mode": "central", "target_epsilon": None, "central_noise_multiplier": 1.5,
+                               "central_clip_norm": 0.5, "noise_seed": 1})
     out = tmp_path / "run"
     metrics = run_federation(local_grid({k: make_client_app(cfg, state_root=tmp_path / "s") for k in range(3)}), cfg, out)
     rows = read_history(out)
     eps = [float(r["central-epsilon"]) for r in rows]
-    assert eps[0] == 0.0 and 0 < eps[1] < eps[2]
-    assert eps[2] == pytest.approx(central_epsilon(1.5, 1.0, 2, 1e-5))
-    assert metrics["central_epsilon"] == pytest.approx(eps[2]) and metrics["privacy"]["central_rounds"] == 2
+    assert eps[0] == 0.0 and 0 < eps[1] < eps[2] < eps[3]
+    assert eps[3] == pytest.approx(central_epsilon(1.5, q, 3, 1e-5))
+    assert metrics["central_epsilon"] == pytest.approx(eps[3]) and metrics["privacy"]["central_rounds"] == 3
+    taken_part = [int(r["clients_aggregated"]) for r in rows[1:]]
+    assert 0 in taken_part and max(taken_part) > 0, f"seed 1 samples nobody in one round: {taken_part}"
+    assert metrics["rounds_without_aggregation"] == [], "a round without clients still releases a noised model"
     n = cfg.federation.num_clients
     central = metrics["privacy"]["central"]
-    assert central["sensitivity"] == pytest.approx(0.5 / n)  # C / W with W = q N, q = 1
-    assert central["noise_std"] == pytest.approx(1.5 * 0.5 / n) == pytest.approx(float(rows[2]["central-noise-std"]))
-    assert central["client_sampling"] == "poisson" and central["sample_rate"] == 1.0
-    assert central["epsilon"] == pytest.approx(eps[2]) and central["delta"] == 1e-5
-    assert central["adjacency"] == "add-remove" and central["epsilon_replace_one"] == pytest.approx(2 * eps[2])
-    assert all(float(rows[2][f"weight/site-{k}"]) == pytest.approx(1 / n) for k in range(n)), "uniform w_k / W"
+    assert central["sensitivity"] == pytest.approx(0.5 / (q * n))  # C / W with W = q N
+    assert central["noise_std"] == pytest.approx(1.5 * 0.5 / (q * n)) == pytest.approx(float(rows[3]["central-noise-std"]))
+    assert central["client_sampling"] == "poisson" and central["sample_rate"] == q
+    assert central["epsilon"] == pytest.approx(eps[3]) and central["delta"] == 1e-5
+    assert central["adjacency"] == "add-remove" and central["epsilon_replace_one"] == pytest.approx(2 * eps[3])
+    assert central["epsilon_if_sample_known"] == pytest.approx(central_epsilon(1.5, 1.0, 3, 1e-5))
+    assert central["epsilon_if_sample_known"] > eps[3]
+    weights = [float(v) for r in rows[1:] for k, v in r.items() if k.startswith("weight/") and v != ""]
+    assert weights and all(w == pytest.approx(1 / (q * n)) for w in weights), "uniform w_k / W"
     assert metrics["per_site"] == {} and not any(k.startswith("site_bacc/") for k in rows[1])
