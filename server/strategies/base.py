@@ -119,7 +119,8 @@ class ValidatedWeightedAvg(FedAvg):
     Attributes
     ----------
     last_weights : dict[int, float]
-        Normalised weight α_k of each aggregated node in the last ``aggregate_train`` call.
+        Normalised weight α_k of each aggregated node in the last ``aggregate_train`` call
+        (central DP: the coefficient w_k / W of the fixed-denominator estimator, not normalised).
     last_rejections : list[dict]
         Replies dropped in the last call: ``{"round", "node_id", "check", "reason"}`` with
         check ``error``, ``names``, ``shape``, ``dtype``, ``finite``, ``update-norm``,
