@@ -108,41 +108,94 @@ def plot_per_class_recall(
     return _save(fig, path)
 
 
-def plot_prompt_mask(mask: Any, path: str | Path, title: str = "FPG amplitude multiplier") -> Path:
-    """Show the learned Fourier-prompt amplitude multiplier ``M`` as an image.
+def _mask_layout(height: int, width: int, fft: str | None) -> str | None:
+    """``"rfft2"`` / ``"fft2"`` for a multiplier of that shape (``fft`` if given), None if neither fits."""
+    if fft is not None:
+        expected = height // 2 + 1 if fft == "rfft2" else height
+        if width != expected:
+            raise ValueError(f"a {fft!r} mask of height {height} must have width {expected}, got {width}")
+        return fft
+    if width == height // 2 + 1 and width != height:
+        return "rfft2"
+    if width == height:
+        return "fft2"
+    return None
 
-    One subplot per channel, diverging colormap centred at 1 (no change), symmetric limits
-    ``1 ± max|M − 1|`` and a shared colour bar.
+
+def plot_prompt_mask(
+    mask: Any, path: str | Path, title: str = "FPG amplitude multiplier", fft: str | None = None
+) -> Path:
+    """The Fourier-prompt amplitude multiplier ``M``: 2-D maps on frequency axes and its radial profile.
+
+    Top row: one map per channel in the shifted layout, axes in cycles per image (k_w, k_h; DC at
+    0, the ``rfft2`` half spectrum has k_w ≥ 0 only), diverging colormap centred at 1 (no change)
+    with symmetric limits ``1 ± max|M − 1|`` and a shared colour bar. Bottom: the radial profile,
+    mean M per radial frequency |k| / Nyquist (:func:`fopro_kd.prompt.radial_profile`), one curve
+    per channel, which shows at a glance which frequencies are amplified or attenuated.
 
     Parameters
     ----------
-    mask : array-like (C, H, W) or (H, W)
-        Multiplier in the (shifted) frequency domain; torch tensors are accepted.
+    mask : array-like (C, H, W') or (H, W')
+        Multiplier in the shifted frequency layout; torch tensors are accepted.
     path : str or Path
         PNG file to write.
     title : str
         Figure title.
+    fft : ``"rfft2"``, ``"fft2"`` or None
+        Layout of ``mask``; None infers it from the shape (W' = H//2 + 1: rfft2, W' = H: fft2;
+        any other shape is drawn on index axes without a profile).
     """
+    from fopro_kd.prompt import radial_profile
+
     values = _to_numpy(mask)
     if values.ndim == 2:
         values = values[None]
     if values.ndim != 3 or values.shape[1] == 0 or values.shape[2] == 0:
         raise ValueError(f"mask must have shape (C, H, W) or (H, W), got {np.shape(mask)}")
+    channels, height, width = values.shape
+    layout = _mask_layout(height, width, fft)
     finite = values[np.isfinite(values)]
     spread = float(np.max(np.abs(finite - 1.0))) if finite.size else 0.0
     spread = max(spread, 1e-6)
     norm = TwoSlopeNorm(vcenter=1.0, vmin=1.0 - spread, vmax=1.0 + spread)
-    channels = values.shape[0]
-    fig = _new_figure(3.0 * channels + 1.0, 3.2)
-    axes = [fig.add_subplot(1, channels, i + 1) for i in range(channels)]
+    fig = Figure(figsize=(max(3.2 * channels + 1.2, 6.0), 6.4), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, channels, height_ratios=[1.15, 1.0])
+    axes = [fig.add_subplot(grid[0, i]) for i in range(channels)]
+    if layout is None:
+        extent, xlabel, ylabel = None, "column", "row"
+    else:
+        k_h0 = -(height // 2)
+        k_w0 = 0 if layout == "rfft2" else -(width // 2)
+        extent = (k_w0 - 0.5, k_w0 + width - 0.5, k_h0 - 0.5, k_h0 + height - 0.5)
+        xlabel, ylabel = "k_w (cycles / image)", "k_h (cycles / image)"
     image = None
     for i, ax in enumerate(axes):
-        image = ax.imshow(values[i], cmap="RdBu_r", norm=norm, interpolation="nearest")
+        image = ax.imshow(values[i], cmap="RdBu_r", norm=norm, interpolation="nearest", origin="lower",
+                          extent=extent, aspect="equal")
         ax.set_title(f"channel {i}" if channels > 1 else "mask", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(image, ax=axes, shrink=0.85, label="amplitude multiplier (1 = unchanged)")
-    fig.suptitle(title)
+        ax.set_xlabel(xlabel, fontsize=8)
+        if i == 0:
+            ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.9, label="amplitude multiplier (1 = unchanged)")
+    prof_ax = fig.add_subplot(grid[1, :])
+    if layout is None:
+        _no_data(prof_ax, "no radial profile (not an rfft2/fft2 spectrum layout)")
+    else:
+        radii, profile = radial_profile(values, layout)
+        colours = ["tab:red", "tab:green", "tab:blue"] if channels == 3 else [None] * channels
+        names = ["R", "G", "B"] if channels == 3 else [str(i) for i in range(channels)]
+        for i in range(channels):
+            prof_ax.plot(radii, profile[i], color=colours[i], marker=".", markersize=3, label=f"channel {names[i]}")
+        prof_ax.axhline(1.0, color="0.4", linestyle="--", linewidth=0.8)
+        prof_ax.axvline(1.0, color="0.6", linestyle=":", linewidth=0.8)
+        prof_ax.set_xlabel("radial frequency |k| / Nyquist (1 = Nyquist; corners up to √2)")
+        prof_ax.set_ylabel("mean multiplier")
+        prof_ax.set_title(f"radial profile (cycles / image = {height / 2:g} × radius)", fontsize=9)
+        prof_ax.grid(alpha=0.3)
+        prof_ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=11)
     return _save(fig, path)
 
 

@@ -483,8 +483,14 @@ class FourierPrompt(nn.Module):
         return next(self.parameters()).dtype
 
     def _full_multiplier(self, x: Tensor | None) -> Tensor:
-        """M as applied: (C, H, W') for free/radial, (B, C, H, W') per image for the generator."""
-        return self._multiplier_from_m(self._raw_m(x))
+        """M as applied: (C, H, W') for free/radial, (B, C, H, W') per image for the generator.
+
+        Autocast is off: under a caller's bf16 autocast the radial einsum would otherwise round
+        M to bf16 (steps of 2^-8 near 1), coarser than the deviations the regulariser measures.
+        """
+        device_type = next(self.parameters()).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._multiplier_from_m(self._raw_m(x))
 
     def _regularizer_of(self, multiplier: Tensor) -> Tensor:
         return self.gamma * self._weighted_sq_deviation(multiplier).sum(dim=-1).mean()

@@ -391,3 +391,26 @@ def test_mask_statistics_and_radial_profile() -> None:
             np.testing.assert_allclose(profile, first, atol=1e-6)  # layout-independent
     with pytest.raises(ValueError, match="width"):
         radial_profile(torch.ones(3, 16, 16), "rfft2")
+
+
+def test_prompt_mask_plot_has_frequency_axes_and_profile(tmp_path: Path) -> None:
+    from fopro_kd.plots import plot_prompt_mask
+
+    prompt = _prompt("radial", "rfft2", 32)
+    _randomise(prompt)
+    path = plot_prompt_mask(prompt.multiplier().detach(), tmp_path / "mask.png", fft="rfft2")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    with pytest.raises(ValueError, match="width"):
+        plot_prompt_mask(torch.ones(3, 32, 32), tmp_path / "bad.png", fft="rfft2")
+
+
+def test_radial_multiplier_and_regularizer_ignore_a_callers_autocast() -> None:
+    prompt = _prompt("radial", "rfft2", 32)
+    with torch.no_grad():
+        prompt.m.fill_(0.01)  # M − 1 = 0.005: below bf16's resolution near 1
+    exact = prompt.regularizer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = prompt.regularizer()
+        m = prompt.multiplier()
+    assert m.dtype == torch.float32
+    torch.testing.assert_close(under, exact)
