@@ -139,3 +139,29 @@ def test_cache_over_the_memory_limit_is_refused_before_training(data, teacher) -
     with pytest.raises(ValueError, match="max_cache_gb"):
         trainer.train(data, epochs=1)
     assert all(torch.equal(before[k], v) for k, v in trainer.student.state_dict().items())
+
+
+def test_single_site_two_stage_run_records_the_prompt_diagnostics(tmp_path) -> None:
+    """history.csv says per epoch how far the prompt moved (mask range, RMS deviation, teacher shift)."""
+    import csv
+
+    from fopro_kd.training.single_site import train_single_site
+
+    cfg = config_from_dict({
+        "seed": 3,
+        "data": {"kind": "synthetic", "image_size": SIZE, "num_classes": 3, "max_per_class": 16},
+        "split": {"val_per_class": 3, "test_per_class": 3},
+        "student": {"arch": "test_resnet"},
+        "teacher": {"arch": "test_resnet", "source": "none", "input_size": SIZE},
+        "train": {"method": "fopro-kd", "epochs": 2, "batch_size": 8},
+        "prompt": {"schedule": "two_stage", "explore_epochs": 1, "lr": 0.05},
+        "augment": dict(FLIPS_ONLY),
+    })
+    metrics = train_single_site(cfg, tmp_path / "run", progress=False)
+    rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
+    assert len(rows) == 2 and "last_epoch" in metrics
+    for row in rows:
+        low, high, dev = float(row["prompt_mask_min"]), float(row["prompt_mask_max"]), float(row["prompt_mask_dev"])
+        assert low <= 1.0 <= high and dev > 0 and float(row["teacher_shift"]) > 0
+    # frozen after exploration: the second epoch reports the same mask
+    assert rows[0]["prompt_mask_dev"] == rows[1]["prompt_mask_dev"]

@@ -27,6 +27,9 @@ from fopro_kd.run_dir import RunDir
 from fopro_kd.seeding import configure_threads, seed_everything, select_device
 from fopro_kd.stats import PREDICTIONS_FILE, save_predictions
 from fopro_kd.training.components import build_configured_student, build_models, shared_teacher
+from fopro_kd.models.teacher import FrozenTeacher
+from fopro_kd.prompt import FourierPrompt, mask_statistics, prompt_input
+from fopro_kd.training.teacher_view import teacher_shift
 from fopro_kd.training.trainer import LocalTrainer, predict
 
 logger = logging.getLogger("fopro_kd.training")
@@ -98,6 +101,16 @@ def _write_outputs(
         plot_prompt_mask(prompt_mask, run.plot_path("prompt_mask.png"), title="learned FPG amplitude multiplier")
 
 
+def prompt_diagnostics(prompt: FourierPrompt, teacher: FrozenTeacher, x01: torch.Tensor, domain: str) -> dict[str, float]:
+    """``prompt_mask_{min,max,dev}`` and ``teacher_shift`` on ``x01`` (history.csv columns): a prompt
+    that helps must move, and these say whether and how far it did."""
+    stats = mask_statistics(prompt, prompt_input(teacher, x01, domain) if prompt.param == "generator" else None)
+    return {
+        "prompt_mask_min": stats["min"], "prompt_mask_max": stats["max"], "prompt_mask_dev": stats["dev"],
+        "teacher_shift": teacher_shift(teacher, x01, prompt, domain),
+    }
+
+
 def train_single_site(
     cfg: Config,
     out_dir: str | Path,
@@ -121,6 +134,8 @@ def train_single_site(
     student, prompt = build_models(cfg, splits.train.num_classes, teacher)
     trainer = LocalTrainer(cfg, student, teacher, prompt, train_counts, device)
     best: dict[str, Any] = {"score": -1.0, "epoch": -1, "state": None, "prompt": None}
+    # a fixed, un-augmented validation batch on which the prompt's effect is measured every epoch
+    probe_batch = splits.val.images[: min(64, len(splits.val))].float().div(255).to(device) if prompt is not None else None
     for epoch in range(cfg.train.epochs):
         start = time.perf_counter()
         result = trainer.train(splits.train, epochs=1, total_epochs=cfg.train.epochs, progress=progress)
@@ -134,6 +149,8 @@ def train_single_site(
             "epoch_seconds": train_seconds,
             "images_per_second": result.num_examples / max(train_seconds, 1e-9),
         }
+        if prompt is not None and probe_batch is not None and len(probe_batch):
+            row.update(prompt_diagnostics(prompt, teacher, probe_batch, cfg.prompt.domain))
         if trainer.dp is not None:  # ε spent so far (whole run: the accountant composes the epochs)
             row["dp_epsilon"] = trainer.dp.metrics()["dp-epsilon"]
         run.append_history(row)

@@ -24,7 +24,7 @@ from fopro_kd.data.transforms import BatchAugment, resize_batch, to_float_on
 from fopro_kd.losses import EKDLoss, build_classification_loss, representation_loss
 from fopro_kd.models.student import EKDStudent
 from fopro_kd.models.teacher import FrozenTeacher
-from fopro_kd.prompt import FourierPrompt
+from fopro_kd.prompt import FourierPrompt, prompt_input
 from fopro_kd.prompt_objectives import ObjectiveContext, build_prompt_objective
 from fopro_kd.training.feature_cache import TeacherFeatureCache, apply_flip_view
 from fopro_kd.training.teacher_view import teacher_features, teacher_targets
@@ -375,7 +375,8 @@ class LocalTrainer:
                 finally:
                     if records:
                         self.objective.stop_recording()
-                reg = self.prompt.regularizer(self.teacher.resize(teacher_in))
+                # R on the tensor the prompt is applied to (the generator's M depends on it)
+                reg = self.prompt.regularizer(prompt_input(self.teacher, teacher_in, domain))
                 loss, objective_terms = self.objective(feats, y, keep, projection)
                 objective = loss + reg
                 terms.update(objective_terms)
