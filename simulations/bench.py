@@ -8,6 +8,7 @@ Suites (each prints a table and, with ``--json``, writes its medians and targets
 ``simulation``  wall time per round of ``configs/sim-demo.yaml`` and the share outside client training;
 ``scaling``     the same data over 4 and 64 virtual hospitals (``--hospitals`` for more): round time and peak memory;
 ``comm``        bytes per client per round, fp32 vs fp16 / bf16 transfer, and the accuracy effect;
+``two_stage``   a two-stage FoPro-KD epoch (frozen prompt, cached targets) against a BSM epoch (HAM10000 shapes);
 ``all``         every suite, in this order.
 
 Every comparison is measured in the same run, interleaved, after a warm-up, and reported
@@ -51,7 +52,7 @@ import torch  # noqa: E402
 
 from simulations.bench_common import environment, format_targets, loadavg  # noqa: E402
 
-SUITES = ("step", "data", "simulation", "scaling", "comm")
+SUITES = ("step", "data", "simulation", "scaling", "comm", "two_stage")
 
 
 def _module(suite: str):
@@ -63,6 +64,8 @@ def _module(suite: str):
         from simulations import bench_sim as module
     elif suite == "comm":
         from simulations import bench_comm as module
+    elif suite == "two_stage":
+        from simulations import bench_two_stage as module
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(suite)
     return module

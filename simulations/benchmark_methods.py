@@ -78,7 +78,21 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
     "fopro-kd+akd": ["train.method=fopro-kd", "train.loss=bsm", "akd.mode=minmax"],
     # the cheaper prompt schedule (docs/performance.md): prompt trained on every 4th batch
     "fopro-kd-every4": ["train.method=fopro-kd", "train.loss=bsm", "akd.mode=discriminative", "akd.prompt_every=4"],
+    # the control of every prompt result: the FoPro-KD code path with the prompt frozen at the identity
+    "ekd+identity-fpg": ["train.method=fopro-kd", "train.loss=bsm", "akd.mode=off"],
+    # cached teacher targets (needs augment.teacher_view flips or clean in the base config)
+    "ekd-cached": ["train.method=ekd", "train.loss=bsm", "train.cache_teacher_features=true"],
 }
+TWO_STAGE_LR = 0.01
+"""Prompt learning rate of the two-stage variants: one exploration epoch is a few hundred prompt steps,
+and Adam moves each parameter by about lr per step, so 1e-3 leaves M within a few percent of 1."""
+for _param in ("free", "radial"):
+    for _mode in ("discriminative", "minmax", "prototype", "bn_stats"):
+        # two-stage FoPro-KD: prompt explored for prompt.explore_epochs, then frozen and cached
+        METHOD_OVERRIDES[f"fopro-2s-{_param}-{_mode}"] = [
+            "train.method=fopro-kd", "train.loss=bsm", "prompt.schedule=two_stage", f"prompt.param={_param}",
+            f"akd.mode={_mode}", f"prompt.lr={TWO_STAGE_LR}",
+        ]
 
 
 def variant_overrides(name: str, federated: bool) -> list[str]:

@@ -98,6 +98,17 @@ def test_comm_suite_quick(tmp_path: Path) -> None:
     assert "ONE compress->decompress round trip" in result["what"]
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.benchmark  # minutes on 2 cores: run with `pytest -m benchmark tests/test_bench.py`
+def test_two_stage_suite_quick(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "two_stage")
+    variants = {r["variant"] for r in result["rows"]}
+    assert variants == {"bsm", "fopro-kd two-stage (cached)", "ekd (online)", "fopro-kd joint (online)"}
+    assert all(r["images_s"] > 0 and r["vs_bsm"] > 0 for r in result["rows"])
+    assert result["cache_build_s_per_image_view"] > 0
+    assert result["targets"][0]["name"].startswith("two-stage FoPro-KD distillation epoch / BSM epoch")
+
+
 # --------------------------------------------------------------------------- slow suites (Ray)
 
 
