@@ -56,6 +56,10 @@ class DataConfig:
     synthetic_seed: int = 0
     site_style: str | None = None
     """Synthetic "scanner" style name (see ``fopro_kd.data.synthetic.SCANNER_STYLES``)."""
+    class_names: list[str] | None = None
+    """Human names of the classes in label-index order (index i is ``class_names[i]``), for data whose files
+    carry only indices (MedMNIST ``.npz``, ImageFolder folders ``0``, ``1``...); used in every table, plot and
+    report. Must list exactly one unique name per class (checked when the data is loaded)."""
 
 
 @dataclass
@@ -249,6 +253,11 @@ class TrainConfig:
 class MetricsConfig:
     many_shot_threshold: int = 100
     few_shot_threshold: int = 20
+    tail_classes: int | None = None
+    """Size k of the ``tail`` group: the k rarest training classes (ties: lower label index first), reported
+    next to many/medium/few-shot so that a rare-class headline exists even when no class has fewer than
+    ``few_shot_threshold`` training images (HAM10000). ``null``: k = min(3, C - 1) for C <= 10 classes,
+    ceil(C / 4) (the rarest quarter) for more."""
 
 
 @dataclass
@@ -397,6 +406,7 @@ def _check_ranges(cfg: Config, source: str) -> None:
         value = get(path)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: '{path}' is an imbalance factor (n_max / n_min) and must be >= 1, got {value!r}")
+    _check_display(cfg, source)
     if cfg.data.num_classes < 2:
         raise ConfigError(f"{source}: 'data.num_classes' must be >= 2, got {cfg.data.num_classes}")
     if not 16 <= cfg.data.image_size <= 1024:
@@ -524,6 +534,24 @@ def probe_bands_problem(bands: Any) -> str | None:
     return None
 
 
+def _check_display(cfg: Config, source: str) -> None:
+    """``data.class_names`` and ``metrics.tail_classes`` (the count of names is checked against the data in
+    :func:`fopro_kd.data.build_splits`, the first moment the number of classes is known)."""
+    names = cfg.data.class_names
+    if names is not None:
+        if len(names) < 2:
+            raise ConfigError(f"{source}: 'data.class_names' must list at least 2 names, got {names!r}")
+        blank = [i for i, n in enumerate(names) if not n.strip()]
+        if blank:
+            raise ConfigError(f"{source}: 'data.class_names' entries must be non-empty, got an empty name at {blank}")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"{source}: 'data.class_names' must be unique, got duplicates {duplicates}")
+    k = cfg.metrics.tail_classes
+    if k is not None and k < 1:
+        raise ConfigError(f"{source}: 'metrics.tail_classes' must be >= 1 or null, got {k!r}")
+
+
 def _check_reliability(cfg: Config, source: str) -> None:
     """Failure-handling fields of ``federation`` (docs/reliability.md)."""
     fed = cfg.federation
@@ -608,6 +636,11 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: '{path}' has wrong type: got {value!r}")
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed):
+            # YAML 1.1 reads a bare off/on/no/yes as a boolean: `mode: off` means the choice "off"
+            spelled = "off" if value is False else "on"
+            if spelled in allowed:
+                return spelled
         if value not in allowed:
             hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""

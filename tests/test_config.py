@@ -114,3 +114,15 @@ def test_code_in_yaml_is_not_executed(tmp_path: Path) -> None:
     path.write_text("seed: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError):
         load_config(path)
+
+
+def test_bare_off_in_yaml_means_the_choice_off(tmp_path) -> None:
+    """YAML 1.1 reads `mode: off` as False; a choice field that has "off" takes it as "off"."""
+    from fopro_kd.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("akd:\n  mode: off\nprivacy:\n  mode: off\n")
+    cfg = load_config(path, ["akd.mode=off"])
+    assert cfg.akd.mode == "off" and cfg.privacy.mode == "off"
+    with pytest.raises(ConfigError, match="prompt.param"):
+        load_config(path, ["prompt.param=off"])
