@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,6 +47,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"test balanced accuracy: {metrics['balanced_accuracy']:.4f}")
     few = metrics["few_shot"]
     print(f"test few-shot accuracy: {'n/a' if few is None else f'{few:.4f}'}")
+    tail = metrics.get("tail")
+    print(f"test tail recall ({', '.join(metrics.get('tail_classes') or [])}): "
+          f"{'n/a' if tail is None else f'{tail:.4f}'}")
+    if (out / "report.html").is_file():
+        print(f"run report: {out / 'report.html'}")
     return 0
 
 
@@ -101,64 +107,101 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from simulations.report import print_report
 
-    print_report([Path(p) for p in args.run_dirs], rare_classes=args.rare_classes)
+    print_report([Path(p) for p in args.run_dirs], rare_classes=args.rare_classes, fmt=args.format,
+                 allow_mixed=args.allow_mixed)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fopro-kd", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _sub(sub: Any, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    """A sub-command whose ``--help`` ends with a worked example (argparse epilog)."""
+    return sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    p = sub.add_parser("train", help="single-site training (EKD with one client)")
+
+_EPILOG = """examples:
+  fopro-kd train --config configs/demo.yaml --out runs/demo
+  fopro-kd evaluate --config configs/demo.yaml --checkpoint runs/demo/best.pt
+  fopro-kd simulate --config configs/sim-demo.yaml --out runs/sim-demo
+  fopro-kd report runs/demo runs/sim-demo --format markdown
+
+Every run directory holds report.html (open it in a browser), metrics.json, history.csv and plots/.
+Run `fopro-kd COMMAND --help` for the options of one command."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fopro-kd", description=__doc__.splitlines()[0], epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, including Flower's, Ray's and the state database's own messages "
+                             "(by default they are shown from WARNING up)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _sub(sub, "train", "single-site training (EKD with one client): select on validation, report on test",
+             "fopro-kd train --config configs/demo.yaml --set train.epochs=2 --out runs/demo")
     _add_config_args(p)
     p.add_argument("--out", help="run directory (default: runs/<time>-<name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="re-score a saved student checkpoint")
+    p = _sub(sub, "evaluate", "re-score a saved student checkpoint on one split of the config's data",
+             "fopro-kd evaluate --config configs/demo.yaml --checkpoint runs/demo/best.pt --split test")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="student checkpoint written by a run (RUN_DIR/best.pt); its classes must match the data")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test",
+                   help="which split of the config's data to score (default: test)")
+    p.add_argument("--json", metavar="FILE", help="also write the metrics to this JSON file")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("teacher", help="demo teacher utilities")
-    tsub = p.add_subparsers(dest="teacher_command", required=True)
-    t = tsub.add_parser("pretrain", help="pretrain the offline demo teacher on the synthetic public domain")
-    t.add_argument("--arch", default="resnet18")
-    t.add_argument("--image-size", type=int, default=64)
-    t.add_argument("--epochs", type=int, default=4)
-    t.add_argument("--seed", type=int, default=1234)
+    p = _sub(sub, "teacher", "demo teacher utilities", "fopro-kd teacher pretrain --epochs 4")
+    tsub = p.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
+    t = _sub(tsub, "pretrain", "pretrain the offline demo teacher on the synthetic public domain",
+             "fopro-kd teacher pretrain --arch resnet18 --image-size 48 --force")
+    t.add_argument("--arch", default="resnet18", help="timm architecture of the demo teacher (default: resnet18)")
+    t.add_argument("--image-size", type=int, default=64, help="input size in pixels (default: 64)")
+    t.add_argument("--epochs", type=int, default=4, help="pretraining epochs (default: 4)")
+    t.add_argument("--seed", type=int, default=1234, help="random seed of the pretraining (default: 1234)")
     t.add_argument("--out", help="output file (default: the cache the demo uses)")
-    t.add_argument("--force", action="store_true")
+    t.add_argument("--force", action="store_true", help="retrain even when the cached teacher exists")
     t.set_defaults(func=_cmd_teacher_pretrain)
 
-    p = sub.add_parser("simulate", help="cross-site federated simulation (Flower simulation engine)")
+    p = _sub(sub, "simulate", "cross-site federated simulation (Flower simulation engine)",
+             "fopro-kd simulate --config configs/sim-demo.yaml --set federation.num_rounds=3 --out runs/sim-demo")
     _add_config_args(p, required=False)
-    p.add_argument("--out", help="run directory")
-    p.add_argument("--resume", help="continue the run in this run directory from its last complete round")
+    p.add_argument("--out", help="run directory (default: runs/<time>-<name>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in this run directory from its last complete round")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("probe", help="frequency preference of the teacher on the site's training split")
+    p = _sub(sub, "probe", "frequency preference of the teacher on the site's training split",
+             "fopro-kd probe --config configs/demo.yaml --max-images 200 --out runs/probe-demo")
     _add_config_args(p)
     p.add_argument("--out", help="output directory (default: runs/<time>-<name>)")
-    p.add_argument("--max-images", type=int, help="subsample the training split to N images (class-balanced)")
+    p.add_argument("--max-images", type=int, metavar="N",
+                   help="subsample the training split to N images (class-balanced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_probe)
 
-    p = sub.add_parser("report", help="side-by-side table of runs")
-    p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--rare-classes", nargs="+", help="classes of the paired rare-recall difference "
-                   "(default: the 3 rarest training classes of the first run)")
+    p = _sub(sub, "report", "side-by-side table of finished runs (single-site and federated) on one test set",
+             "fopro-kd report runs/a/demo runs/b/demo --format markdown > results.md")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with metrics.json)")
+    p.add_argument("--rare-classes", nargs="+", metavar="CLASS",
+                   help="classes of the paired rare-recall difference (default: the first run's tail classes, "
+                        "metrics.tail_classes)")
+    p.add_argument("--format", choices=["text", "markdown", "csv"], default="text",
+                   help="table format: aligned text (default), Markdown (paste into docs) or CSV (spreadsheets)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="compare runs on different data sets or test splits anyway (a warning heads the table); "
+                        "by default such a comparison is refused")
     p.set_defaults(func=_cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fopro_kd.logging_setup import configure_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, CheckpointError, ValueError) as exc:

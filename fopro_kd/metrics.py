@@ -2,7 +2,9 @@
 
 The primary metric is **balanced accuracy** (mean per-class recall over the classes present
 in the evaluated set). Next to it: per-class recall, many/medium/few-shot recall (groups
-fixed by the training counts and :class:`fopro_kd.config.MetricsConfig`), accuracy,
+fixed by the training counts and :class:`fopro_kd.config.MetricsConfig`), the ``tail`` group
+(the k rarest training classes, :func:`tail_classes`: never empty, unlike few-shot on HAM10000
+where no class has fewer than 20 training images), accuracy,
 macro-F1, Matthews correlation, Cohen's kappa, macro one-vs-rest ROC AUC and the confusion
 matrix. All values are plain python types, so the result can be written with ``json.dump``.
 """
@@ -26,7 +28,7 @@ from sklearn.metrics import (
 
 from fopro_kd.config import MetricsConfig
 
-__all__ = ["SHOT_GROUPS", "shot_groups", "compute_metrics", "format_summary"]
+__all__ = ["SHOT_GROUPS", "shot_groups", "tail_classes", "default_tail_size", "compute_metrics", "format_summary"]
 
 SHOT_GROUPS: tuple[str, str, str] = ("many", "medium", "few")
 
@@ -70,6 +72,41 @@ def shot_groups(
         else:
             groups["medium"].append(index)
     return groups
+
+
+def default_tail_size(num_classes: int) -> int:
+    """k of the ``tail`` group when ``metrics.tail_classes`` is null: min(3, C - 1) for C <= 10, else ceil(C / 4).
+
+    Three classes is the smallest group whose mean recall is not one class's recall, and C - 1
+    keeps the tail a strict subset (the tail of a two-class task is its rarer class). With many
+    classes a fixed 3 would be a sliver, so the rarest quarter is taken instead.
+
+    >>> default_tail_size(2), default_tail_size(7), default_tail_size(10), default_tail_size(40)
+    (1, 3, 3, 10)
+    """
+    if num_classes <= 10:
+        return max(1, min(3, num_classes - 1))
+    return int(math.ceil(num_classes / 4))
+
+
+def tail_classes(train_counts: Sequence[int], k: int | None = None) -> list[int]:
+    """Indices of the ``k`` rarest training classes, rarest first (ties: lower index first).
+
+    ``k`` None uses :func:`default_tail_size`; ``k`` is capped at the number of classes. The same
+    rule as :func:`fopro_kd.stats.rarest_classes`, so the report's paired "rare" difference and
+    the ``tail`` metric name the same classes.
+
+    >>> tail_classes([500, 100, 20, 19, 60])
+    [3, 2, 4]
+    >>> tail_classes([5, 5, 9], k=1)
+    [0]
+    """
+    counts = np.asarray(list(train_counts), dtype=np.int64)
+    if k is None:
+        k = default_tail_size(len(counts))
+    if k < 1:
+        raise ValueError(f"the tail group needs k >= 1 classes, got {k}; check 'metrics.tail_classes'")
+    return [int(c) for c in np.argsort(counts, kind="stable")[: min(k, len(counts))]]
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -168,7 +205,8 @@ def compute_metrics(
     dict
         ``balanced_accuracy``, ``accuracy``, ``per_class_recall`` ({name: recall or None}),
         ``many_shot``, ``medium_shot``, ``few_shot`` (mean recall over the group's present
-        classes, None when there are none), ``macro_f1`` (over present classes), ``mcc``,
+        classes, None when there are none), ``tail`` (mean recall of ``tail_classes``, the names
+        of the k rarest training classes, :func:`tail_classes`), ``macro_f1`` (over present classes), ``mcc``,
         ``kappa``, ``auc`` (macro OvR, None with fewer than 2 present classes), ``confusion_matrix``
         (rows = true, columns = predicted, ``labels=range(C)``), ``num_samples``,
         ``shot_groups`` ({group: [names]}) and ``train_counts`` ({name: count}). Undefined
@@ -194,6 +232,7 @@ def compute_metrics(
     group_recall = {
         name: _mean_or_none([recalls[c] for c in members if recalls[c] is not None]) for name, members in groups.items()
     }
+    tail = tail_classes(train_counts, cfg.tail_classes)
 
     with warnings.catch_warnings():
         # sklearn warns about predicted-but-absent classes and degenerate (single-class) inputs;
@@ -212,6 +251,8 @@ def compute_metrics(
         "many_shot": group_recall["many"],
         "medium_shot": group_recall["medium"],
         "few_shot": group_recall["few"],
+        "tail": _mean_or_none([recalls[c] for c in tail if recalls[c] is not None]),
+        "tail_classes": [class_names[c] for c in tail],
         "macro_f1": _finite_or_none(macro_f1),
         "mcc": _finite_or_none(mcc),
         "kappa": _finite_or_none(kappa),
@@ -232,14 +273,16 @@ def _fmt(value: float | None, percent: bool = True) -> str:
 def format_summary(metrics: dict[str, Any]) -> str:
     """Short multi-line human-readable summary of :func:`compute_metrics` output.
 
-    Shows balanced accuracy, accuracy, many / medium / few-shot recall, macro-F1, MCC, kappa,
+    Shows balanced accuracy, accuracy, many / medium / few-shot and tail recall, macro-F1, MCC, kappa,
     AUC and a per-class recall table sorted by training count (descending).
     """
     lines = [
         f"balanced accuracy: {_fmt(metrics.get('balanced_accuracy'))}"
         f"  (accuracy {_fmt(metrics.get('accuracy'))}, n = {metrics.get('num_samples', '?')})",
         f"many / medium / few-shot: {_fmt(metrics.get('many_shot'))} / {_fmt(metrics.get('medium_shot'))}"
-        f" / {_fmt(metrics.get('few_shot'))}",
+        f" / {_fmt(metrics.get('few_shot'))}"
+        + (f"  tail ({', '.join(metrics.get('tail_classes') or [])}): {_fmt(metrics.get('tail'))}"
+           if "tail" in metrics else ""),
         f"macro-F1: {_fmt(metrics.get('macro_f1'), False)}  MCC: {_fmt(metrics.get('mcc'), False)}"
         f"  kappa: {_fmt(metrics.get('kappa'), False)}  AUC: {_fmt(metrics.get('auc'), False)}",
     ]

@@ -25,6 +25,9 @@ __all__ = [
     "plot_lines_by_group",
     "plot_class_histograms",
     "plot_weights_per_round",
+    "plot_per_class_rounds",
+    "metric_label",
+    "best_x",
 ]
 
 DPI: int = 100
@@ -199,6 +202,63 @@ def plot_prompt_mask(
     return _save(fig, path)
 
 
+METRIC_LABELS: dict[str, str] = {
+    "val_balanced_accuracy": "validation balanced accuracy",
+    "val_few_shot": "validation few-shot recall",
+    "test_balanced_accuracy": "test balanced accuracy",
+    "test_few_shot": "test few-shot recall",
+    "test_medium_shot": "test medium-shot recall",
+    "test_many_shot": "test many-shot recall",
+    "test_tail": "test tail recall (rarest classes)",
+    "loss": "total training loss",
+    "loss_cls": "classification loss (main head)",
+    "loss_aux": "classification loss (aux head)",
+    "loss_rep": "representation loss (2 - 2 cos)",
+    "loss_prox": "FedProx proximal term",
+    "epoch_seconds": "seconds per epoch",
+    "images_per_second": "training images per second",
+    "round": "communication round",
+    "epoch": "epoch",
+}
+"""Human names of history columns (titles, legends, axis labels); unknown keys are shown with spaces."""
+
+
+def metric_label(key: str) -> str:
+    """Human name of a history column (``"val_balanced_accuracy"`` -> ``"validation balanced accuracy"``)."""
+    if key in METRIC_LABELS:
+        return METRIC_LABELS[key]
+    for prefix, what in (("recall/", "test recall of "), ("site_bacc/", "local test bACC of "),
+                         ("weight/", "aggregation weight of "), ("epsilon/", "ε spent by ")):
+        if key.startswith(prefix):
+            return what + key[len(prefix):]
+    return key.replace("_", " ")
+
+
+def _kind(key: str) -> str:
+    """``"score"`` (a value in [0, 1]: accuracy, recall), ``"loss"`` or ``"other"`` (seconds, throughput...)."""
+    name = key.lower()
+    if "loss" in name:
+        return "loss"
+    if any(word in name for word in ("accuracy", "shot", "recall", "bacc", "tail", "f1", "auc")):
+        return "score"
+    return "other"
+
+
+def _integer_axis(ax: Any) -> None:
+    """Epochs and rounds are counts: ticks at integers only (no 1.25, 1.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _mark(ax: Any, selected: float | None, chance: float | None, x_name: str) -> None:
+    """The selected epoch/round (vertical dashed line) and the chance level (horizontal dotted line)."""
+    if selected is not None:
+        ax.axvline(selected, color="0.25", linestyle="--", linewidth=1.0, label=f"selected {x_name} ({selected:g})")
+    if chance is not None:
+        ax.axhline(chance, color="tab:red", linestyle=":", linewidth=1.0, label=f"chance ({chance:.3g})")
+
+
 def _lines(ax: Any, rows: Sequence[dict[str, Any]], keys: Sequence[str], x_key: str, label_of: Any = None) -> int:
     """Draw one line per key (skipping missing values); return the number of lines drawn."""
     drawn = 0
@@ -212,32 +272,86 @@ def _lines(ax: Any, rows: Sequence[dict[str, Any]], keys: Sequence[str], x_key: 
             xs.append(index if x is None else x)
             ys.append(y)
         if xs:
-            ax.plot(xs, ys, marker="o", markersize=3, label=label_of(key) if label_of else key)
+            ax.plot(xs, ys, marker="o", markersize=3, label=label_of(key) if label_of else metric_label(key))
             drawn += 1
     return drawn
 
 
-def _finish_lines(ax: Any, drawn: int, x_key: str, ylabel: str, title: str) -> None:
-    if drawn:
+def _finish_lines(ax: Any, drawn: int, x_key: str, ylabel: str, title: str, legend: bool = True) -> None:
+    if drawn and legend:
         ax.legend(fontsize=7, loc="best", ncol=1 if drawn <= 10 else 2)
-    else:
+    elif not drawn:
         _no_data(ax)
-    ax.set_xlabel(x_key)
+    ax.set_xlabel(metric_label(x_key))
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    _integer_axis(ax)
 
 
-def plot_history(history: list[dict[str, Any]], keys: list[str], path: str | Path, x_key: str = "epoch") -> Path:
-    """Lines of ``keys`` against ``x_key`` (epoch or round) from a list of log rows.
+def best_x(rows: Sequence[dict[str, Any]], key: str, x_key: str, min_x: float | None = None) -> float | None:
+    """x of the first row with the highest ``key`` (the selection rule of training and the server: a later
+    row must be strictly better), rows with ``x_key < min_x`` ignored (round 0, the initial model)."""
+    best: tuple[float, float] | None = None
+    for index, row in enumerate(rows):
+        y = _number(row.get(key))
+        x = _number(row.get(x_key))
+        x = float(index) if x is None else x
+        if y is None or (min_x is not None and x < min_x):
+            continue
+        if best is None or y > best[1]:
+            best = (x, y)
+    return None if best is None else best[0]
 
-    Rows missing a key (or holding None / NaN) are skipped for that line; a row without
-    ``x_key`` uses its index.
+
+def plot_history(
+    history: list[dict[str, Any]],
+    keys: list[str],
+    path: str | Path,
+    x_key: str = "epoch",
+    *,
+    selected: float | None = None,
+    chance: float | None = None,
+    title: str | None = None,
+) -> Path:
+    """Lines of ``keys`` against ``x_key`` (epoch or round): scores and losses in separate panels.
+
+    Scores (accuracy, recall: values in [0, 1]) share a panel with a fixed 0-1 axis, so a
+    learning curve is not flattened by a loss of 5; losses get their own panel, anything else
+    (seconds, throughput) a third. Rows missing a key (or holding None / NaN) are skipped for
+    that line; a row without ``x_key`` uses its index. Ticks are integers.
+
+    Parameters
+    ----------
+    selected : float, optional
+        The epoch/round whose model is reported, drawn as a dashed line in every panel. None:
+        the first maximum of ``val_balanced_accuracy`` when it is among ``keys`` (the selection
+        rule of single-site training and of the server; round 0 excluded).
+    chance : float, optional
+        Balanced accuracy of a constant classifier (1 / C), drawn in the score panel.
+    title : str, optional
+        Figure title (default: none above the panel titles).
     """
-    fig = _new_figure(6.0, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    drawn = _lines(ax, history, keys, x_key)
-    _finish_lines(ax, drawn, x_key, "value", ", ".join(keys))
+    groups: dict[str, list[str]] = {"score": [], "loss": [], "other": []}
+    for key in keys:
+        groups[_kind(key)].append(key)
+    if selected is None and "val_balanced_accuracy" in keys:
+        selected = best_x(history, "val_balanced_accuracy", x_key, min_x=1 if x_key == "round" else None)
+    panels = [name for name in ("score", "loss", "other") if groups[name]] or ["score"]
+    fig = _new_figure(5.2 * len(panels), 4.0)
+    x_name = "round" if x_key == "round" else x_key
+    titles = {"score": "Balanced accuracy and recall", "loss": "Training losses (mean per image)",
+              "other": "Other"}
+    for i, name in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        drawn = _lines(ax, history, groups[name], x_key)
+        _mark(ax, selected, chance if name == "score" else None, x_name)
+        ylabel = {"score": "score (0-1)", "loss": "loss", "other": "value"}[name]
+        _finish_lines(ax, drawn, x_key, ylabel, titles[name])
+        if name == "score":
+            ax.set_ylim(0.0, 1.02)
+    if title:
+        fig.suptitle(title, fontsize=11)
     return _save(fig, path)
 
 
@@ -250,21 +364,101 @@ def _prefixed_keys(rows: Sequence[dict[str, Any]], prefix: str) -> list[str]:
     return keys
 
 
-def plot_lines_by_group(rows: list[dict[str, Any]], x_key: str, y_prefix: str, path: str | Path, title: str) -> Path:
-    """One line per key starting with ``y_prefix`` (e.g. ``"recall/"``) against ``x_key``.
+def plot_lines_by_group(
+    rows: list[dict[str, Any]],
+    x_key: str,
+    y_prefix: str,
+    path: str | Path,
+    title: str,
+    *,
+    labels: dict[str, str] | None = None,
+    ylabel: str | None = None,
+    selected: float | None = None,
+    chance: float | None = None,
+) -> Path:
+    """One line per key starting with ``y_prefix`` (e.g. ``"site_bacc/"``) against ``x_key``.
 
-    The legend shows the key without the prefix (e.g. the class name).
+    The legend shows the key without the prefix (e.g. the site), or ``labels[name]`` (e.g.
+    ``"site-0 (test n=17)"``); ``selected`` and ``chance`` are marked as in :func:`plot_history`.
+    Values are scores (0-1 axis) unless the prefix is ``weight/``. Lines that would coincide
+    (e.g. sites stuck at 0) get distinct markers.
     """
     keys = _prefixed_keys(rows, y_prefix)
     fig = _new_figure(6.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    drawn = _lines(ax, rows, keys, x_key, label_of=lambda k: k[len(y_prefix):])
-    _finish_lines(ax, drawn, x_key, y_prefix.rstrip("/") or "value", title)
+    markers = "osD^v<>ph*"
+    drawn = 0
+    for i, key in enumerate(keys):
+        name = key[len(y_prefix):]
+        before = len(ax.lines)
+        _lines(ax, rows, [key], x_key, label_of=lambda _k, n=name: (labels or {}).get(n, n))
+        if len(ax.lines) > before:
+            ax.lines[-1].set_marker(markers[i % len(markers)])
+            drawn += 1
+    _mark(ax, selected, chance, "round" if x_key == "round" else x_key)
+    _finish_lines(ax, drawn, x_key, ylabel or y_prefix.rstrip("/") or "value", title)
+    if y_prefix != "weight/":
+        ax.set_ylim(-0.02, 1.02)
     return _save(fig, path)
 
 
-def plot_class_histograms(histograms: dict[str, dict[str, int]], path: str | Path) -> Path:
-    """Grouped bar chart of training-class counts per site (client / hospital).
+def plot_per_class_rounds(
+    rows: list[dict[str, Any]],
+    path: str | Path,
+    train_counts: dict[str, int],
+    test_counts: dict[str, int] | None = None,
+    *,
+    x_key: str = "round",
+    prefix: str = "recall/",
+    selected: float | None = None,
+    chance: float | None = None,
+    title: str = "Test recall per class (global model)",
+) -> Path:
+    """Small multiples: one panel per class (rarest last), its test recall per round.
+
+    One panel per class keeps every curve readable (on one axis, classes stuck at 0 hide each
+    other). Each panel title gives the class's training and test counts, since a recall on 6
+    test images moves in steps of 17 points.
+    """
+    names = [k[len(prefix):] for k in _prefixed_keys(rows, prefix)]
+    names.sort(key=lambda n: (-(train_counts.get(n) or 0), n))
+    count = max(1, len(names))
+    cols = min(4, count)
+    grid_rows = int(math.ceil(count / cols))
+    fig = _new_figure(2.8 * cols + 0.6, 2.3 * grid_rows + 0.8)
+    if not names:
+        _no_data(fig.add_subplot(1, 1, 1))
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(grid_rows, cols, i + 1)
+        drawn = _lines(ax, rows, [prefix + name], x_key, label_of=lambda _k: "recall")
+        _mark(ax, selected, chance, "round")
+        if not drawn:
+            _no_data(ax)
+        caption = f"train n={train_counts.get(name, '?')}"
+        if test_counts is not None:
+            caption += f", test n={test_counts.get(name, '?')}"
+        ax.set_title(f"{name}\n({caption})", fontsize=8)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        _integer_axis(ax)
+        if i % cols == 0:
+            ax.set_ylabel("recall", fontsize=8)
+        if i >= count - cols:
+            ax.set_xlabel(metric_label(x_key), fontsize=8)
+    footnote = "dashed: selected round" if selected is not None else ""
+    if chance is not None:
+        footnote += ("; " if footnote else "") + f"dotted: chance level {chance:.3g}"
+    fig.suptitle(title + (f"\n{footnote}" if footnote else ""), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_class_histograms(
+    histograms: dict[str, dict[str, int]], path: str | Path, title: str = "Training images per class and site",
+    ylabel: str = "training images",
+) -> Path:
+    """Grouped bar chart of class counts per site (client / hospital) or per split.
 
     Parameters
     ----------
@@ -272,6 +466,8 @@ def plot_class_histograms(histograms: dict[str, dict[str, int]], path: str | Pat
         ``{site: {class name: count}}``; classes missing at a site count as 0.
     path : str or Path
         PNG file to write.
+    title, ylabel : str
+        Figure title and y label (e.g. ``"Images per class and split"``).
     """
     sites = list(histograms)
     classes: list[str] = []
@@ -284,25 +480,33 @@ def plot_class_histograms(histograms: dict[str, dict[str, int]], path: str | Pat
         width = 0.8 / len(sites)
         for i, site in enumerate(sites):
             heights = [int(histograms[site].get(c) or 0) for c in classes]
-            ax.bar(x - 0.4 + (i + 0.5) * width, heights, width=width, label=str(site))
+            total = sum(heights)
+            ax.bar(x - 0.4 + (i + 0.5) * width, heights, width=width, label=f"{site} (n={total})")
         ax.set_xticks(x)
         ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=8)
-        ax.legend(fontsize=7, title="site")
+        ax.legend(fontsize=7)
+        if any(int(h.get(c) or 0) > 10 for h in histograms.values() for c in classes):
+            ax.set_yscale("symlog", linthresh=10)  # long-tailed counts: rare classes' bars stay visible
+            ylabel += " (log scale above 10)"
     else:
         _no_data(ax)
-    ax.set_ylabel("training samples")
-    ax.set_title("Class counts per site")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     return _save(fig, path)
 
 
-def plot_weights_per_round(rows: list[dict[str, Any]], path: str | Path) -> Path:
+def plot_weights_per_round(
+    rows: list[dict[str, Any]], path: str | Path, labels: dict[str, str] | None = None, selected: float | None = None
+) -> Path:
     """Aggregation weight of each client per round, from keys ``"weight/<client>"``.
 
-    The x axis is ``row["round"]`` (the row index when absent).
+    The x axis is ``row["round"]`` (the row index when absent); ``labels`` renames clients in
+    the legend; ``selected`` marks the reported round.
     """
     keys = _prefixed_keys(rows, "weight/")
     fig = _new_figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    drawn = _lines(ax, rows, keys, "round", label_of=lambda k: k[len("weight/"):])
-    _finish_lines(ax, drawn, "round", "aggregation weight α_k", "Aggregation weight per client")
+    drawn = _lines(ax, rows, keys, "round", label_of=lambda k: (labels or {}).get(k[len("weight/"):], k[len("weight/"):]))
+    _mark(ax, selected, None, "round")
+    _finish_lines(ax, drawn, "round", "aggregation weight α_k (sums to 1)", "Aggregation weight of each site per round")
     return _save(fig, path)

@@ -51,9 +51,11 @@ from fopro_kd.plots import (  # noqa: E402
     plot_history,
     plot_lines_by_group,
     plot_per_class_recall,
+    plot_per_class_rounds,
     plot_weights_per_round,
 )
 from fopro_kd.run_dir import RunDir, default_run_dir  # noqa: E402
+from fopro_kd.run_report import try_write_run_report  # noqa: E402
 from fopro_kd.seeding import select_device  # noqa: E402
 from fopro_kd.training.components import uses_teacher  # noqa: E402
 from fopro_kd.stats import PREDICTIONS_FILE  # noqa: E402
@@ -254,6 +256,7 @@ class ServerEvaluator:
             "test_few_shot": test["few_shot"],
             "test_medium_shot": test["medium_shot"],
             "test_many_shot": test["many_shot"],
+            "test_tail": test.get("tail"),
         }
         row.update({f"recall/{name}": value for name, value in test["per_class_recall"].items()})
         if entry is not None:
@@ -391,19 +394,37 @@ def _privacy_summary(cfg: Config, evaluator: ServerEvaluator, recorder: RoundRec
     return summary
 
 
+def _site_test_sizes(recorder: RoundRecorder, server_round: int) -> dict[str, int]:
+    """Local test images of each site (from its federated-evaluation counts, the selected round first)."""
+    sizes: dict[str, int] = {}
+    rounds = sorted(recorder.rounds, key=lambda r: (r != server_round, -r))
+    for r in rounds:
+        for site, (_correct, total) in recorder.by_site(recorder.rounds[r].site_eval).items():
+            sizes.setdefault(site, int(sum(total)))
+    return sizes
+
+
 def _write_plots(run: RunDir, metrics: dict[str, Any], evaluator: ServerEvaluator, recorder: RoundRecorder) -> None:
     rows = run.history
-    plot_history(rows, ["val_balanced_accuracy", "test_balanced_accuracy", "test_few_shot"],
-                 run.plot_path("balanced_accuracy.png"), x_key="round")
-    plot_lines_by_group(rows, "round", "recall/", run.plot_path("per_class_recall_rounds.png"),
-                        "Test recall per class (global model)")
+    names = evaluator.splits.class_names
+    train_counts = dict(zip(names, map(int, evaluator.train_counts)))
+    test_counts = dict(zip(names, map(int, evaluator.splits.test.class_counts())))
+    selected = metrics.get("best_round") if (metrics.get("best_round") or 0) > 0 else None
+    chance = 1.0 / len(names) if names else None
+    plot_history(rows, ["val_balanced_accuracy", "test_balanced_accuracy", "test_few_shot", "test_tail"],
+                 run.plot_path("balanced_accuracy.png"), x_key="round", selected=selected, chance=chance,
+                 title=f"Global model per round (test n={len(evaluator.splits.test)}, "
+                       f"validation n={len(evaluator.splits.val)})")
+    plot_per_class_rounds(rows, run.plot_path("per_class_recall_rounds.png"), train_counts, test_counts,
+                          selected=selected, chance=chance)
+    site_n = _site_test_sizes(recorder, selected or -1)
     plot_lines_by_group(rows, "round", "site_bacc/", run.plot_path("site_balanced_accuracy.png"),
-                        "Balanced accuracy on each site's local test split")
-    plot_weights_per_round(rows, run.plot_path("aggregation_weights.png"))
+                        "Balanced accuracy on each site's local test split",
+                        labels={site: f"{site} (test n={n})" for site, n in site_n.items()},
+                        ylabel="local test balanced accuracy", selected=selected, chance=chance)
+    plot_weights_per_round(rows, run.plot_path("aggregation_weights.png"), selected=selected)
     if metrics.get("per_class_recall"):
-        names = evaluator.splits.class_names
-        plot_per_class_recall(metrics["per_class_recall"], dict(zip(names, map(int, evaluator.train_counts))),
-                              run.plot_path("per_class_recall.png"))
+        plot_per_class_recall(metrics["per_class_recall"], train_counts, run.plot_path("per_class_recall.png"))
     shared = {}
     for log in recorder.rounds.values():
         shared.update(recorder.by_site(log.class_counts))
@@ -631,6 +652,7 @@ def run_federation(
     evaluator.save_test_predictions()
     run.write_json("metrics.json", metrics)
     _write_plots(run, metrics, evaluator, recorder)
+    try_write_run_report(run.path)
     logger.info("federation finished: best round %d, test bACC %s", metrics["best_round"],
                 metrics.get("balanced_accuracy"))
     return metrics

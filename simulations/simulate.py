@@ -140,6 +140,9 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
+    from fopro_kd.logging_setup import detach_flower_console
+
+    detach_flower_console()  # Flower's own console handler + propagation printed every line twice
     from server.checkpoints import check_fresh_run_dir
     from server.server_app import check_federation_config, load_resume_checkpoint, make_server_app
 
@@ -223,8 +226,14 @@ def run_simulation_from_config(
         print(f"resumed after round {metrics['resumed_from_round']}")
     print(f"best round (validation): {metrics.get('best_round')}")
     print(f"global test balanced accuracy: {'n/a' if bacc is None else f'{bacc:.4f}'}")
+    for key, label in (("few_shot", "few-shot recall"), ("tail", "tail recall")):
+        value = metrics.get(key)
+        names = f" ({', '.join(metrics.get('tail_classes') or [])})" if key == "tail" else ""
+        print(f"global test {label}{names}: {'n/a' if value is None else f'{value:.4f}'}")
     for site, values in sorted(metrics.get("per_site", {}).items()):
         site_bacc = values.get("balanced_accuracy")
         print(f"  {site}: local test bACC {'n/a' if site_bacc is None else f'{site_bacc:.4f}'}")
+    if (Path(out) / "report.html").is_file():
+        print(f"run report: {Path(out) / 'report.html'}")
     sys.stdout.flush()
     return 0

@@ -11,7 +11,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, ConfigError
 from .batches import BatchLoader, iterate_batches
 from .dataset import DatasetSplits, ImageSet
 from .loaders import (
@@ -81,6 +81,28 @@ def _synthetic(cfg: Config) -> dict[str, ImageSet]:
         "test": make_synthetic_imageset([cfg.split.test_per_class] * d.num_classes,
                                         seed=_derived_seed(d.synthetic_seed, "test"), id_prefix="test", **common),
     }
+
+
+def _rename_classes(parts: dict[str, ImageSet], names: list[str], kind: str) -> dict[str, ImageSet]:
+    """Give the classes the human names of ``data.class_names`` (label index i -> ``names[i]``).
+
+    MedMNIST files and ImageFolder trees with numbered folders carry only indices, so every
+    table and plot would say ``"0"``, ``"1"``. The number of names must equal the number of
+    classes the files define: a shorter or longer list means the names belong to another data
+    set (or the index order is misunderstood), and is refused naming the field.
+    """
+    found = parts["train"].class_names
+    if len(names) != len(found):
+        raise ConfigError(
+            f"'data.class_names' lists {len(names)} names {list(names)} but the {kind} data has {len(found)} classes "
+            f"(labels 0..{len(found) - 1}, currently named {found}); give exactly one name per label index, in index order"
+        )
+    logger.info("data.class_names: %s", ", ".join(f"{old} -> {new}" for old, new in zip(found, names)))
+    renamed = {}
+    for split, part in parts.items():
+        renamed[split] = ImageSet(images=part.images, labels=part.labels, class_names=list(names), ids=part.ids,
+                                  groups=part.groups, sites=part.sites)
+    return renamed
 
 
 def _split_pool(pool: ImageSet, cfg: Config) -> dict[str, ImageSet]:
@@ -172,6 +194,10 @@ def build_splits(cfg: Config) -> DatasetSplits:
         info["split_mode"] = cfg.split.mode
     if pool is not None:
         info["pool_size"] = len(pool)
+
+    if d.class_names is not None:
+        parts = _rename_classes(parts, d.class_names, d.kind)
+        info["class_names_from"] = "data.class_names"
 
     if cfg.split.train_imbalance_factor is not None:
         before = len(parts["train"])

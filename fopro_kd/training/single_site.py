@@ -196,6 +196,9 @@ def train_single_site(
             prompt_mask = prompt.multiplier(sample).detach().float().cpu().numpy()
     _write_outputs(run, metrics, prompt_mask, splits)
     logger.info("test results (best val epoch %d):\n%s", best["epoch"], format_summary(metrics))
+    from fopro_kd.run_report import try_write_run_report  # report.html: a view of the files written above
+
+    try_write_run_report(run.path)
     return metrics
 
 
