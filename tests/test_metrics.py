@@ -157,3 +157,38 @@ def test_format_summary_lists_key_numbers_and_classes_by_count() -> None:
     class_lines = [line for line in lines if line.split()[0] in NAMES]
     assert [line.split()[0] for line in class_lines] == ["b", "c", "a"]  # by training count
     assert "150" in class_lines[0]
+
+
+# --------------------------------------------------------------------------- tail group (issue 17)
+
+
+def test_tail_is_the_k_rarest_training_classes_on_hand_made_counts() -> None:
+    from fopro_kd.metrics import default_tail_size, tail_classes
+
+    # HAM10000-like: no class under 20 training images, so few-shot is empty, tail is not
+    ham = [282, 469, 1054, 70, 1068, 6660, 97]  # akiec bcc bkl df mel nv vasc
+    assert shot_groups(ham)["few"] == []
+    assert tail_classes(ham) == [3, 6, 0]  # df (70), vasc (97), akiec (282)
+    assert tail_classes([5, 5, 9, 1], k=2) == [3, 0]  # ties: lower index first
+    assert tail_classes([10, 20], k=5) == [0, 1]  # capped at C
+    assert [default_tail_size(c) for c in (2, 3, 7, 10, 11, 40)] == [1, 2, 3, 3, 3, 10]
+    with pytest.raises(ValueError, match="metrics.tail_classes"):
+        tail_classes(ham, k=0)
+
+
+def test_compute_metrics_reports_tail_recall_next_to_shot_groups() -> None:
+    # recalls: a 3/4, b 1/2, c 1/2; tail k=1 is c (5 training images), k=2 is c and b
+    m = compute_metrics(Y_TRUE, _probs(Y_PRED, 3), NAMES, TRAIN_COUNTS)
+    assert m["tail_classes"] == ["c", "b"] and m["tail"] == pytest.approx(0.5)  # default k = min(3, C-1) = 2
+    m1 = compute_metrics(Y_TRUE, _probs(Y_PRED, 3), NAMES, [5, 150, 50], MetricsConfig(tail_classes=1))
+    assert m1["tail_classes"] == ["a"] and m1["tail"] == pytest.approx(0.75)
+    text = format_summary(m1)
+    assert "tail (a): 75.00%" in text
+
+
+def test_tail_classes_config_is_validated() -> None:
+    from fopro_kd.config import ConfigError, config_from_dict
+
+    assert config_from_dict({"metrics": {"tail_classes": 4}}).metrics.tail_classes == 4
+    with pytest.raises(ConfigError, match="metrics.tail_classes"):
+        config_from_dict({"metrics": {"tail_classes": 0}})

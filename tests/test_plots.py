@@ -85,3 +85,52 @@ def test_plots_leave_no_pyplot_figures_open(tmp_path: Path) -> None:
     plots.plot_history([{"epoch": 0, "loss": 1.0}], ["loss"], tmp_path / "a.png")
     plots.plot_weights_per_round([{"round": 0, "weight/a": 1.0}], tmp_path / "b.png")
     assert len(plt.get_fignums()) == before
+
+
+# --------------------------------------------------------------------------- readability (issue 17)
+
+
+def test_metric_labels_are_human() -> None:
+    assert plots.metric_label("val_balanced_accuracy") == "validation balanced accuracy"
+    assert plots.metric_label("recall/mel") == "test recall of mel"
+    assert plots.metric_label("some_new_key") == "some new key"
+
+
+def test_history_puts_scores_and_losses_in_separate_panels(tmp_path: Path, monkeypatch) -> None:
+    drawn: list = []
+    original = plots._save
+
+    def spy(fig, path):
+        drawn.append([(ax.get_title(), ax.get_ylim(), [line.get_label() for line in ax.lines]) for ax in fig.axes])
+        return original(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    history = [{"epoch": e, "loss": 5.0 - e, "val_balanced_accuracy": 0.1 * e} for e in range(1, 5)]
+    assert_png(plots.plot_history(history, ["val_balanced_accuracy", "loss"], tmp_path / "h.png", chance=0.125))
+    (score_title, score_ylim, score_lines), (loss_title, _, loss_lines) = drawn[0]
+    assert "accuracy" in score_title.lower() and "loss" in loss_title.lower()
+    assert score_ylim[1] <= 1.05, "the accuracy axis must not stretch to the loss's range"
+    assert "validation balanced accuracy" in score_lines and "total training loss" in loss_lines
+    assert "selected epoch (4)" in score_lines and "chance (0.125)" in score_lines  # best val epoch marked
+
+
+def test_round_plots_have_integer_ticks_and_small_multiples(tmp_path: Path, monkeypatch) -> None:
+    axes: list = []
+    original = plots._save
+
+    def spy(fig, path):
+        fig.canvas.draw()
+        axes.append([(ax.get_title(), [t for t in ax.get_xticks()]) for ax in fig.axes])
+        return original(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    rows = [{"round": r, "recall/nv": 0.2 * r, "recall/df": 0.0, "recall/mel": 0.0} for r in range(4)]
+    assert_png(plots.plot_per_class_rounds(rows, tmp_path / "pc.png", {"nv": 300, "df": 5, "mel": 40},
+                                           {"nv": 10, "df": 6, "mel": 8}, selected=2, chance=1 / 3))
+    titles = [title for title, _ in axes[0]]
+    assert len(titles) == 3, "one panel per class: classes stuck at 0 cannot hide each other"
+    assert titles[0].startswith("nv") and "test n=6" in titles[-1]  # rarest last, test size in the title
+    assert all(float(t).is_integer() for _, ticks in axes[0] for t in ticks)
+    assert_png(plots.plot_lines_by_group(rows, "round", "recall/", tmp_path / "g.png", "t",
+                                         labels={"nv": "nv (test n=10)"}))
+    assert all(float(t).is_integer() for t in axes[1][0][1])
