@@ -317,7 +317,7 @@ def plot_frequency_preference(payload: dict[str, Any], path: str | Path) -> Path
     high-pass at its cut-off lo), baseline and chance as lines; below it, the energy share per band."""
     from fopro_kd.plots import _new_figure, _save
 
-    fig = _new_figure(7.5, 6.0)
+    fig = _new_figure(9.0, 6.0)
     grid = fig.add_gridspec(2, 1, height_ratios=[3, 1.3], hspace=0.35)
     ax = fig.add_subplot(grid[0])
     styles = {"bandpass": ("tab:blue", "o", "band-pass [lo, hi] (at centre)"),
@@ -346,7 +346,7 @@ def plot_frequency_preference(payload: dict[str, Any], path: str | Path) -> Path
     ax.set_title(f"Frequency preference of {payload['teacher']['arch']} @ {payload['teacher']['input_size']} px, "
                  f"{data['kind']} train split, {note}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # off the curves
     ax2 = fig.add_subplot(grid[1])
     rows = [b for b in payload["bands"] if b["kind"] == "bandpass"]
     centres = [0.5 * (b["range"][0] + b["range"][1]) for b in rows]
@@ -357,7 +357,7 @@ def plot_frequency_preference(payload: dict[str, Any], path: str | Path) -> Path
     ax2.set_xlim(0, 1)
     ax2.set_xlabel("radial frequency r = |k| / Nyquist")
     ax2.set_ylabel("energy share")
-    ax2.legend(fontsize=7, loc="upper right")
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax2.grid(alpha=0.3)
     return _save(fig, path)
 
