@@ -277,7 +277,7 @@ class PartitionConfig:
 class FederationConfig:
     num_rounds: int = 5
     num_clients: int = 4
-    strategy: Literal["fedavg", "fedprox", "fedmas", "class_balanced"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedmas", "class_balanced", "median", "trimmed_mean"] = "fedavg"
     fedmas_rule: Literal["mas", "mas_inv", "mas_DRW"] = "mas"
     drw_fraction: float = 0.8
     drw_beta: float = 0.9999
@@ -295,7 +295,26 @@ class FederationConfig:
     max_failed_rounds: int = 3
     """Stop (non-zero exit, state saved) after this many consecutive rounds with too few valid replies."""
     max_update_norm: float | None = None
-    """Reject a reply whose update ||theta_k - theta|| (floating arrays, L2) exceeds this bound; ``None``: no bound."""
+    """Reject a reply whose update ||theta_k - theta|| (floating arrays, L2) exceeds this absolute bound; ``None``:
+    the relative bound ``update_norm_factor`` applies (docs/reliability.md §robust aggregation)."""
+    update_norm_factor: float | None = 1.0
+    """Default update bound, relative to the global model: reject ||theta_k - theta|| > kappa * ||theta|| with
+    kappa = this factor (floating arrays, L2). Honest local updates measured 0.02-0.3 ||theta||; a site that scales or
+    sign-flips its weights sends >= 2 ||theta||. ``None``: no relative bound. Ignored when ``max_update_norm`` is set."""
+    max_num_examples: int | None = None
+    """Absolute cap on the ``num-examples`` a site may report (its FedAvg weight); larger replies are rejected."""
+    num_examples_growth: float = 2.0
+    """A site's ``num-examples`` may not exceed this factor times the first value the server accepted from it."""
+    num_examples_peer_ratio: float = 100.0
+    """A reply's ``num-examples`` may not exceed this factor times the median of the other replies of the round."""
+    trim_fraction: float = 0.2
+    """``strategy: trimmed_mean``: fraction beta of the replies dropped at *each* end per coordinate (floor(beta n))."""
+    robust_min_cosine: float | None = 0.0
+    """``strategy: median`` / ``trimmed_mean``: reject a reply whose update has cosine similarity below this with the
+    coordinate-wise median update (a sign-flipped update has about -1); needs >= 3 replies. ``None``: no check."""
+    node_wait_s: float = 600.0
+    """Longest time the server waits for ``min_available_clients`` nodes to be connected (at the start or after a
+    node died); past it the run ends cleanly (``aborted.json``, last checkpoint kept, resumable)."""
     share_class_counts: bool | None = None
     """Send per-class counts to the server; ``None`` = only when the strategy needs them."""
     transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -428,6 +447,7 @@ def _check_ranges(cfg: Config, source: str) -> None:
     if cfg.teacher.source == "file" and not cfg.teacher.file and cfg.train.method in ("ekd", "fopro-kd"):
         raise ConfigError(f"{source}: 'teacher.source' is 'file' but 'teacher.file' is not set")
     _check_reliability(cfg, source)
+    _check_metric_thresholds(cfg, source)
     if cfg.federation.min_available_clients > cfg.federation.num_clients:
         raise ConfigError(
             f"{source}: 'federation.min_available_clients' ({cfg.federation.min_available_clients}) exceeds "
@@ -567,6 +587,55 @@ def _check_reliability(cfg: Config, source: str) -> None:
     norm = fed.max_update_norm
     if norm is not None and not (norm > 0 and math.isfinite(norm)):
         raise ConfigError(f"{source}: 'federation.max_update_norm' must be a finite number > 0 or null, got {norm!r}")
+    _check_robustness(cfg, source)
+
+
+def _check_robustness(cfg: Config, source: str) -> None:
+    """Robust-aggregation and wait bounds of ``federation`` (docs/reliability.md, issue 14)."""
+    fed = cfg.federation
+
+    def number(name: str, value: Any, low: float, *, inclusive: bool = False, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+              and (value >= low if inclusive else value > low))
+        if not ok:
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise ConfigError(f"{source}: 'federation.{name}' must be a finite number {bound}"
+                              f"{' or null' if allow_none else ''}, got {value!r}")
+
+    number("update_norm_factor", fed.update_norm_factor, 0, allow_none=True)
+    number("num_examples_growth", fed.num_examples_growth, 1, inclusive=True)
+    number("num_examples_peer_ratio", fed.num_examples_peer_ratio, 1, inclusive=True)
+    number("node_wait_s", fed.node_wait_s, 0)
+    cap = fed.max_num_examples
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigError(f"{source}: 'federation.max_num_examples' must be an integer >= 1 or null, got {cap!r}")
+    beta = fed.trim_fraction
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 0.5:
+        raise ConfigError(f"{source}: 'federation.trim_fraction' must be in [0, 0.5), got {beta!r}")
+    cos = fed.robust_min_cosine
+    if cos is not None and (isinstance(cos, bool) or not isinstance(cos, (int, float)) or not -1 <= cos <= 1):
+        raise ConfigError(f"{source}: 'federation.robust_min_cosine' must be in [-1, 1] or null, got {cos!r}")
+
+
+def _check_metric_thresholds(cfg: Config, source: str) -> None:
+    """Every ``metrics`` threshold at load time, not after the first epoch (issue 14: few_shot_threshold=500)."""
+    m = cfg.metrics
+    for name in ("many_shot_threshold", "few_shot_threshold"):
+        value = getattr(m, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{source}: 'metrics.{name}' must be an integer >= 0 (training images per class), "
+                              f"got {value!r}")
+    if m.few_shot_threshold > m.many_shot_threshold:
+        raise ConfigError(
+            f"{source}: 'metrics.few_shot_threshold' ({m.few_shot_threshold}) must be <= "
+            f"'metrics.many_shot_threshold' ({m.many_shot_threshold}): few-shot classes have fewer than "
+            f"few_shot_threshold training images, many-shot classes more than many_shot_threshold"
+        )
+    k = m.tail_classes
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise ConfigError(f"{source}: 'metrics.tail_classes' must be an integer >= 1 or null, got {k!r}")
 
 
 def _check_student_init(cfg: Config, source: str) -> None:

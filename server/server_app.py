@@ -77,10 +77,17 @@ from server.checkpoints import (  # noqa: E402
     tensors_from_arrays,
 )
 from server.history import RoundLog, RoundRecorder  # noqa: E402
-from server.rounds import FederationAborted, FederationFinished, RoundGuard  # noqa: E402
+from server.rounds import (  # noqa: E402
+    BoundedWaitGrid,
+    FederationAborted,
+    FederationFinished,
+    NodesUnavailable,
+    RoundGuard,
+)
 from server.strategies import ValidatedWeightedAvg, build_strategy, get_strategy_class  # noqa: E402
 from server.strategies.base import weighted_mean_metrics  # noqa: E402
 from server.strategies.central_dp import CentralDP  # noqa: E402
+from server.strategies.robust import RobustAggregate  # noqa: E402
 
 logger = logging.getLogger("fopro_kd.federation")
 
@@ -120,6 +127,12 @@ def check_federation_config(cfg: Config) -> None:
     if fed.local_steps is not None and fed.local_steps <= 0:
         raise ConfigError(f"'federation.local_steps' must be > 0 or null, got {fed.local_steps}")
     if cfg.privacy.mode == "central":  # DP-FedAvg with public uniform weights (docs/privacy.md §3)
+        if issubclass(strategy_cls, RobustAggregate):
+            raise ConfigError(
+                f"'federation.strategy: {fed.strategy}' cannot run with 'privacy.mode: central': DP-FedAvg's "
+                "sensitivity is that of a clipped mean with a fixed denominator, not of a median or trimmed mean; "
+                "use 'fedavg' or 'fedprox' (docs/privacy.md §3)"
+            )
         if strategy_cls.client_weights is not ValidatedWeightedAvg.client_weights:
             raise ConfigError(
                 f"'federation.strategy: {fed.strategy}' cannot run with 'privacy.mode: central': its aggregation "
@@ -203,6 +216,8 @@ class ServerEvaluator:
         """``privacy.mode: central``: the strategy's clipping/noise state, for the ``central-epsilon`` column."""
         self.timings: list[dict[str, float]] = []
         self._last_end = time.perf_counter()
+        self.guard: RoundGuard | None = None
+        """The round guard (update-norm bound and discarded aggregates per round, for the history row)."""
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if len(arrays) == 0:
@@ -272,6 +287,9 @@ class ServerEvaluator:
             row["clients_aggregated"] = len(entry.weights)
             row["clients_rejected"] = len(entry.rejections) + len(entry.missing)  # error and missing replies included
             row["clients_failed"] = len(self.recorder.failures(entry))  # error replies + no reply before the timeout
+            if self.guard is not None:  # robust aggregation (docs/reliability.md): bound used, aggregate discarded
+                row["update_norm_bound"] = self.guard.norm_bounds.get(server_round)
+                row["aggregate_rejected"] = self.guard.aggregate_rejections.get(server_round, "")
             if self.cfg.privacy.mode == "local":
                 row["clients_declined"] = len(entry.budget_declines)  # out of privacy budget: no model sent
         if self.cfg.privacy.mode == "local" and server_round > 0:
@@ -360,6 +378,8 @@ def _final_metrics(cfg: Config, evaluator: ServerEvaluator, recorder: RoundRecor
                              "reason": reason}
                             for r, log in sorted(recorder.rounds.items()) for node, reason in sorted(log.missing.items())],
         "rounds_without_aggregation": [r for r, log in sorted(recorder.rounds.items()) if log.aggregated is False],
+        "rejected_aggregates": ({} if evaluator.guard is None
+                                else {str(r): v for r, v in sorted(evaluator.guard.aggregate_rejections.items())}),
     })
     if cfg.privacy.mode != "off":
         metrics["privacy"] = _privacy_summary(cfg, evaluator, recorder)
@@ -573,8 +593,16 @@ def run_federation(
             evaluator.central_dp.load_state_dict(payload.get("strategy", {}).get("central_dp"))
         logger.info("resuming %s from %s: round %d of %d done", run.path, resumed.path.name, done, fed.num_rounds)
     guard = RoundGuard(recorder, round_offset=done, timeout_s=fed.round_timeout_s,
-                       min_valid_replies=fed.min_valid_replies)
+                       min_valid_replies=fed.min_valid_replies, update_norm_factor=fed.update_norm_factor,
+                       max_update_norm=fed.max_update_norm, max_num_examples=fed.max_num_examples,
+                       num_examples_growth=fed.num_examples_growth,
+                       num_examples_peer_ratio=fed.num_examples_peer_ratio)
+    if resumed is not None:
+        guard.load_state_dict(resumed.payload.get("guard"))
     guard.instrument(strategy)
+    evaluator.guard = guard
+    grid = BoundedWaitGrid(grid, fed.min_available_clients, fed.node_wait_s)
+    completed = [done]  # last round whose checkpoint was written
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         best = evaluator.best
@@ -596,6 +624,7 @@ def run_federation(
             "recorder": recorder.to_payload(),
             "timings": plain(evaluator.timings),
             "failed_streak": int(guard.failed_streak),
+            "guard": plain(guard.state_dict()),
             "rng": get_rng_state(),
             "wall_seconds": wall_before + time.perf_counter() - wall_start,
             "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},
@@ -606,8 +635,18 @@ def run_federation(
         if resumed is not None and loop_round == 0:
             set_rng_state(resumed.payload["rng"])  # the state the uninterrupted run had when round k+1 began
             return None
-        result = evaluator(server_round, arrays)
+        try:
+            result = evaluator(server_round, arrays)
+        except (ValueError, RuntimeError) as exc:  # e.g. NaN probabilities of a finite but exploded model
+            raise FederationAborted(
+                f"server evaluation of round {server_round} failed ({type(exc).__name__}: {exc}); the global model of "
+                f"round {completed[0]} is the last good one ({store.path_for(completed[0])}); continue with "
+                f"`fopro-kd simulate --resume {run.path}`",
+                server_round=completed[0], failed_rounds=list(guard.failed_rounds) + [server_round],
+                run_dir=str(run.path),
+            ) from exc
         checkpoint(server_round, arrays)
+        completed[0] = server_round
         if guard.failed_streak >= fed.max_failed_rounds:
             raise FederationAborted(
                 f"stopping after round {server_round}: {guard.failed_streak} consecutive round(s) without enough valid "
@@ -641,6 +680,20 @@ def run_federation(
                                         "failed_rounds": exc.failed_rounds, "partial_metrics": metrics})
         logger.error("federation aborted: %s", exc)
         raise
+    except NodesUnavailable as exc:  # a dead hospital: stop instead of waiting forever (resumable)
+        aborted = FederationAborted(
+            f"stopping after round {completed[0]}: {exc}; state saved in {store.path_for(completed[0])}; when the "
+            f"hospitals are back, continue with `fopro-kd simulate --resume {run.path}` (or run config "
+            f"'{RUN_CONFIG_RESUME_DIR_KEY}')",
+            server_round=completed[0], failed_rounds=list(guard.failed_rounds), run_dir=str(run.path),
+        )
+        metrics = _final_metrics(cfg, evaluator, recorder, wall_before + time.perf_counter() - wall_start)
+        run.write_json("aborted.json", {"reason": str(aborted), "round": completed[0], "check": "nodes-unavailable",
+                                        "connected": exc.connected, "required": exc.required,
+                                        "waited_s": exc.waited_s, "failed_rounds": aborted.failed_rounds,
+                                        "partial_metrics": metrics})
+        logger.error("federation aborted: %s", aborted)
+        raise aborted from exc
     except FederationFinished as exc:  # e.g. every hospital has spent its privacy budget: a clean end
         stopped = {"round": exc.server_round, "reason": str(exc)}
         logger.warning("federation ended after round %d of %d: %s", exc.server_round, fed.num_rounds, exc)

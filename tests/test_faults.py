@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from client.data import clear_caches
 from fopro_kd.checkpoint import load_checkpoint
@@ -65,7 +65,8 @@ def tiny_values(num_clients: int, **federation: Any) -> dict[str, Any]:
 
 @dataclass
 class FaultInjector:
-    """``faults``: site (partition id) -> ``"nan"`` | ``"shape"`` | ``"crash"`` | ``"slow"``.
+    """``faults``: site (partition id) -> ``"nan"`` | ``"shape"`` | ``"crash"`` | ``"slow"`` | ``"scale"``
+    (weights x 1e4) | ``"huge-n"`` (``num-examples`` = 10**9) | ``"flip"`` (sign-flipped update θ - Δ_k).
 
     ``rounds``: site -> rounds in which its fault is active (default: every round). Honest
     train replies are saved to ``record_dir`` (``r<round>-s<site>.npz``) so the test can
@@ -101,14 +102,24 @@ class FaultInjector:
         arrays = reply.content["arrays"]
         values = {key: np.array(arrays[key].numpy(), copy=True) for key in arrays.keys()}
         first_float = next(k for k, v in values.items() if np.issubdtype(v.dtype, np.floating) and v.size > 1)
-        if fault == "nan":
+        metrics = reply.content["metrics"]
+        if fault == "huge-n":
+            metrics = MetricRecord({**dict(metrics), "num-examples": 10**9})
+        elif fault == "scale":
+            values = {k: v * np.asarray(1e4, v.dtype) if np.issubdtype(v.dtype, np.floating) else v
+                      for k, v in values.items()}
+        elif fault == "flip":
+            sent = msg.content["arrays"]
+            values = {k: (2 * sent[k].numpy() - v).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v
+                      for k, v in values.items()}
+        elif fault == "nan":
             values[first_float].reshape(-1)[0] = np.nan
         elif fault == "shape":
             values[first_float] = np.concatenate([values[first_float], values[first_float][:1]], axis=0)
-        else:  # pragma: no cover - test typo
+        elif fault not in ("huge-n", "scale", "flip"):  # pragma: no cover - test typo
             raise ValueError(f"unknown fault {fault!r}")
         content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in values.items()}),
-                              "metrics": reply.content["metrics"]})
+                              "metrics": metrics})
         return Message(content=content, reply_to=msg)
 
 
@@ -366,3 +377,164 @@ def test_kill_and_resume_in_ray_is_bit_identical(tmp_path: Path) -> None:
     assert_same_arrays(final_arrays(out)[1], final_arrays(reference)[1])
     assert_same_arrays(load_checkpoint(out / "best.pt")["state_dict"],
                        load_checkpoint(reference / "best.pt")["state_dict"])
+
+
+# --------------------------------------------------------------------------- Byzantine sites, in process (issue 14)
+#
+# These run on the in-process grid of tests/federation_helpers.py (no Ray): the faults are in what a
+# site *sends*, not in how the runtime delivers it, so the engine does not matter and the suite stays fast.
+
+ROBUST_FAULTS = {1: "scale", 2: "huge-n", 3: "flip", 4: "nan"}
+"""Site -> fault of the Byzantine run; sites 0 and 5 are honest."""
+ROBUST_CHECKS = {"site-1": "update-norm", "site-2": "num-examples", "site-3": "direction", "site-4": "finite"}
+
+
+@pytest.fixture(scope="module")
+def byzantine_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from client.client_app import make_client_app
+    from federation_helpers import LocalGrid, fake_task_identity, preserved_torch_threads
+    from server.server_app import run_federation
+
+    clear_caches()
+    base = tmp_path_factory.mktemp("byzantine")
+    cfg = config_from_dict(tiny_values(6, strategy="median", fraction_evaluate=0.0, min_available_clients=6))
+    out = base / "run"
+    app = make_client_app(cfg, base / "state", fault_injector=FaultInjector(dict(ROBUST_FAULTS)))
+    with fake_task_identity(run_id=21), preserved_torch_threads():
+        metrics = run_federation(LocalGrid(app, 6), cfg, out)
+    return {"cfg": cfg, "out": out, "metrics": metrics}
+
+
+def test_byzantine_sites_are_rejected_with_their_check_in_every_round(byzantine_run) -> None:
+    """x1e4 weights (norm bound, on by default), 10**9 examples, a sign-flipped update and NaN: each site named."""
+    metrics = byzantine_run["metrics"]
+    for server_round in (1, 2):
+        assert _rejections(metrics, server_round) == ROBUST_CHECKS, metrics["rejected_replies"]
+    reasons = {r["site"]: r["reason"] for r in metrics["rejected_replies"] if r["round"] == 1}
+    assert "federation.num_examples_peer_ratio" in reasons["site-2"]
+    assert "cosine similarity -" in reasons["site-3"]
+
+
+def test_byzantine_run_finishes_on_the_honest_sites_only(byzantine_run) -> None:
+    out, metrics = byzantine_run["out"], byzantine_run["metrics"]
+    assert (out / "metrics.json").is_file() and metrics["best_round"] in (1, 2)
+    assert metrics["rounds_without_aggregation"] == [] and metrics["rejected_aggregates"] == {}
+    rows = history_rows(out)
+    for row in rows[1:]:
+        assert int(row["clients_aggregated"]) == 2 and int(row["clients_rejected"]) == 4, row
+        assert float(row["weight/site-0"]) == pytest.approx(0.5) == float(row["weight/site-5"])
+        assert all(row.get(f"weight/site-{k}", "") == "" for k in ROBUST_FAULTS)
+        assert float(row["update_norm_bound"]) > 0 and row["aggregate_rejected"] == ""
+    payload = newest_checkpoint(out)
+    assert payload["round"] == 2
+    assert all(torch.isfinite(v).all() for v in payload["arrays"].values() if v.is_floating_point())
+
+
+def test_aggregate_with_nan_is_discarded_and_the_previous_model_kept(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strategy bug (or overflow) that yields NaN in round 2: the round-1 model stays, the run finishes."""
+    from client.client_app import make_client_app
+    from federation_helpers import LocalGrid, fake_task_identity, preserved_torch_threads
+    from server.server_app import run_federation
+    from server.strategies.fedavg import FedAvgStrategy
+
+    original = ValidatedWeightedAvg._average
+    calls = {"n": 0}
+
+    def poisoned(arrays_np: Any, alpha: Any) -> ArrayRecord:
+        calls["n"] += 1
+        record = original(arrays_np, alpha)
+        if calls["n"] == 2:
+            key = next(k for k in record.keys() if np.issubdtype(record[k].numpy().dtype, np.floating))
+            value = record[key].numpy().copy()
+            value.reshape(-1)[0] = np.inf
+            record[key] = Array(value)
+        return record
+
+    monkeypatch.setattr(FedAvgStrategy, "_average", staticmethod(poisoned))
+    cfg = config_from_dict(tiny_values(2, num_rounds=2, fraction_evaluate=0.0, min_available_clients=2))
+    out = tmp_path / "run"
+    with fake_task_identity(run_id=22), preserved_torch_threads():
+        metrics = run_federation(LocalGrid(make_client_app(cfg, tmp_path / "state"), 2), cfg, out)
+    assert "non-finite" in metrics["rejected_aggregates"]["2"] and metrics["rounds_without_aggregation"] == [2]
+    rows = history_rows(out)
+    assert "non-finite" in rows[2]["aggregate_rejected"] and rows[2]["clients_aggregated"] == "0"
+    assert rows[1]["aggregate_rejected"] == ""
+    store = ServerCheckpointStore(RunDir(out))
+    round1, round2 = (load_checkpoint(store.path_for(r))["arrays"] for r in (1, 2))
+    for key, value in round1.items():
+        assert torch.equal(value, round2[key]), key
+    assert all(torch.isfinite(v).all() for v in round2.values() if v.is_floating_point())
+    assert (out / "metrics.json").is_file() and metrics["best_round"] == 1
+
+
+# --------------------------------------------------------------------------- a hospital that dies (issue 14)
+
+
+class DyingGrid:
+    """Builds a LocalGrid whose site ``site`` dies while training round ``round_``.
+
+    Its instruction is answered as Flower's SuperLink answers it (an error reply *from the SuperLink*,
+    node id 1, "Node Unavailable", ``reply_to_message_id`` naming the instruction) and from then on the
+    node is no longer listed by ``get_node_ids``.
+    """
+
+    @staticmethod
+    def make(app: Any, num_nodes: int, site: int, round_: int) -> Any:
+        from federation_helpers import LocalGrid
+
+        class _Grid(LocalGrid):
+            dead = False
+
+            def get_node_ids(self) -> Iterable[int]:
+                return [n for n in super().get_node_ids() if not (self.dead and n == 1000 + site)]
+
+            def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+                messages = list(messages)
+                for msg in messages:  # what Grid.push_messages does
+                    msg.metadata.__dict__["_message_id"] = msg.object_id
+                config = messages[0].content.config_records.get("config") if messages else None
+                if (messages and messages[0].metadata.message_type.startswith("train") and config is not None
+                        and int(config.get("server-round", 0)) == round_):
+                    self.dead = True
+                alive = [m for m in messages if not (self.dead and m.metadata.dst_node_id == 1000 + site)]
+                replies = list(super().send_and_receive(alive, timeout=timeout))
+                for msg in messages:
+                    if msg not in alive:
+                        error = Message(Error(code=5, reason="Error: Node Unavailable - no heartbeat"), reply_to=msg)
+                        error.metadata.__dict__["_src_node_id"] = 1  # SUPERLINK_NODE_ID
+                        replies.append(error)
+                return replies
+
+        return _Grid(app, num_nodes)
+
+
+def test_dead_node_ends_the_run_cleanly_after_the_wait_bound_and_resumes(tmp_path: Path) -> None:
+    from client.client_app import make_client_app
+    from federation_helpers import LocalGrid, fake_task_identity, preserved_torch_threads
+    from server.rounds import FederationAborted
+    from server.server_app import run_federation
+
+    cfg = config_from_dict(tiny_values(2, num_rounds=3, fraction_evaluate=0.0, min_available_clients=2,
+                                       node_wait_s=1.0))
+    out = tmp_path / "run"
+    app = make_client_app(cfg, tmp_path / "state")
+    started = time.perf_counter()
+    with fake_task_identity(run_id=23), preserved_torch_threads():
+        with pytest.raises(FederationAborted, match="node_wait_s"):
+            run_federation(DyingGrid.make(app, 2, site=1, round_=2), cfg, out)
+    assert time.perf_counter() - started < 120
+    aborted = json.loads((out / "aborted.json").read_text())
+    assert aborted["round"] == 2 and aborted["check"] == "nodes-unavailable" and aborted["connected"] == 1
+    assert not (out / "metrics.json").exists()
+    assert newest_checkpoint(out)["round"] == 2
+    rows = history_rows(out)
+    assert [r["round"] for r in rows] == ["0", "1", "2"]
+    assert rows[2]["clients_aggregated"] == "1" and rows[2]["clients_failed"] == "1" == rows[2]["clients_rejected"]
+    failed = aborted["partial_metrics"]["failed_replies"]["2"]
+    assert set(failed) == {"site-1"} and "Node Unavailable" in failed["site-1"], failed
+    assert [(m["round"], m["site"]) for m in aborted["partial_metrics"]["missing_replies"]] == [(2, "site-1")]
+
+    with fake_task_identity(run_id=24), preserved_torch_threads():  # the hospital is back: continue
+        metrics = run_federation(LocalGrid(app, 2), cfg, out, resume=True)
+    assert metrics["resumed_from_round"] == 2 and [r["round"] for r in history_rows(out)] == ["0", "1", "2", "3"]

@@ -15,6 +15,7 @@ from server.strategies.class_balanced import ClassBalancedStrategy
 from server.strategies.fedavg import FedAvgStrategy
 from server.strategies.fedmas import FedMASStrategy, fedmas_robust_factor
 from server.strategies.fedprox import FedProxStrategy
+from server.strategies.robust import MedianStrategy, TrimmedMeanStrategy
 
 __all__ = [
     "STRATEGIES",
@@ -22,6 +23,8 @@ __all__ = [
     "FedAvgStrategy",
     "FedMASStrategy",
     "FedProxStrategy",
+    "MedianStrategy",
+    "TrimmedMeanStrategy",
     "ValidatedWeightedAvg",
     "build_strategy",
     "fedmas_robust_factor",
@@ -30,7 +33,8 @@ __all__ = [
 ]
 
 STRATEGIES: dict[str, type[ValidatedWeightedAvg]] = {
-    cls.name: cls for cls in (FedAvgStrategy, FedProxStrategy, FedMASStrategy, ClassBalancedStrategy)
+    cls.name: cls for cls in (FedAvgStrategy, FedProxStrategy, FedMASStrategy, ClassBalancedStrategy,
+                               MedianStrategy, TrimmedMeanStrategy)
 }
 
 
