@@ -120,16 +120,19 @@ def _sub(sub: Any, name: str, help_text: str, example: str) -> argparse.Argument
 
 _EPILOG = """examples:
   fopro-kd train --config configs/demo.yaml --out runs/demo
+  fopro-kd train --config configs/demo.yaml --set train.method=bsm --out runs/demo-bsm
   fopro-kd evaluate --config configs/demo.yaml --checkpoint runs/demo/best.pt
   fopro-kd simulate --config configs/sim-demo.yaml --out runs/sim-demo
-  fopro-kd report runs/demo runs/sim-demo --format markdown
+  fopro-kd report runs/demo runs/demo-bsm --format markdown
 
 Every run directory holds report.html (open it in a browser), metrics.json, history.csv and plots/.
 Run `fopro-kd COMMAND --help` for the options of one command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fopro-kd", description=__doc__.splitlines()[0], epilog=_EPILOG,
+    parser = argparse.ArgumentParser(prog="fopro-kd", description="fopro-kd: federated FoPro-KD distillation for "
+                                     "long-tailed medical images (train, evaluate, simulate, probe, report).",
+                                     epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, including Flower's, Ray's and the state database's own messages "

@@ -102,6 +102,7 @@ def plot_per_class_recall(
         ax2 = ax.twinx()
         ax2.plot(x, [max(c, 1) for c in counts], color="tab:orange", marker="o", label="train count")
         ax2.set_yscale("log")
+        _plain_log_ticks(ax2)
         ax2.set_ylabel("training samples (log)", color="tab:orange")
     else:
         _no_data(ax)
@@ -109,6 +110,18 @@ def plot_per_class_recall(
     ax.set_ylabel("recall")
     ax.set_title("Per-class recall (classes by training count)")
     return _save(fig, path)
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """Counts on a log axis as plain numbers (``40``, not ``4 × 10^1``)."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(value: float, _pos: Any) -> str:
+        lead = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+        return f"{value:g}" if round(lead) in (2, 5) and abs(lead - round(lead)) < 1e-6 else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _mask_layout(height: int, width: int, fft: str | None) -> str | None:
@@ -381,19 +394,26 @@ def plot_lines_by_group(
     The legend shows the key without the prefix (e.g. the site), or ``labels[name]`` (e.g.
     ``"site-0 (test n=17)"``); ``selected`` and ``chance`` are marked as in :func:`plot_history`.
     Values are scores (0-1 axis) unless the prefix is ``weight/``. Lines that would coincide
-    (e.g. sites stuck at 0) get distinct markers.
+    (e.g. sites stuck at 0) stay visible: distinct markers, earlier lines wider underneath.
     """
     keys = _prefixed_keys(rows, y_prefix)
     fig = _new_figure(6.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     markers = "osD^v<>ph*"
     drawn = 0
+    last = max(1, len(keys) - 1)
     for i, key in enumerate(keys):
         name = key[len(y_prefix):]
         before = len(ax.lines)
         _lines(ax, rows, [key], x_key, label_of=lambda _k, n=name: (labels or {}).get(n, n))
         if len(ax.lines) > before:
-            ax.lines[-1].set_marker(markers[i % len(markers)])
+            # sites with equal scores (e.g. all at 0) would hide each other: earlier lines are drawn wider and
+            # with larger markers, so a coinciding later line shows inside them
+            line = ax.lines[-1]
+            line.set_marker(markers[i % len(markers)])
+            line.set_linewidth(1.2 + 3.0 * (last - i) / last if len(keys) > 1 else 1.5)
+            line.set_markersize(3 + 5 * (last - i) / last if len(keys) > 1 else 3)
+            line.set_alpha(0.85)
             drawn += 1
     _mark(ax, selected, chance, "round" if x_key == "round" else x_key)
     _finish_lines(ax, drawn, x_key, ylabel or y_prefix.rstrip("/") or "value", title)
@@ -481,12 +501,15 @@ def plot_class_histograms(
         for i, site in enumerate(sites):
             heights = [int(histograms[site].get(c) or 0) for c in classes]
             total = sum(heights)
-            ax.bar(x - 0.4 + (i + 0.5) * width, heights, width=width, label=f"{site} (n={total})")
+            bars = ax.bar(x - 0.4 + (i + 0.5) * width, heights, width=width, label=f"{site} (n={total})")
+            if len(classes) * len(sites) <= 48:  # the count on each bar: a log axis is hard to read off
+                ax.bar_label(bars, labels=[str(h) for h in heights], fontsize=6, padding=1)
         ax.set_xticks(x)
         ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=8)
         ax.legend(fontsize=7)
         if any(int(h.get(c) or 0) > 10 for h in histograms.values() for c in classes):
             ax.set_yscale("symlog", linthresh=10)  # long-tailed counts: rare classes' bars stay visible
+            _plain_log_ticks(ax)
             ylabel += " (log scale above 10)"
     else:
         _no_data(ax)
