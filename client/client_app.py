@@ -76,6 +76,7 @@ from client.state import (  # noqa: E402
 )
 from fopro_kd.compression import encode_for_transfer, restore_torch_dtypes  # noqa: E402
 from fopro_kd.config import Config  # noqa: E402
+from fopro_kd.prompt_objectives import objective_metric_key  # noqa: E402
 from fopro_kd.privacy.accounting import PrivacyBudgetExhausted, make_accountant  # noqa: E402
 from fopro_kd.privacy.ledger import (  # noqa: E402
     PrivacyLedger,
@@ -136,7 +137,7 @@ def loss_metric_keys(cfg: Config) -> list[str]:
     if cfg.federation.strategy == "fedprox":
         keys.append("loss_prox")
     if cfg.train.method == "fopro-kd" and cfg.akd.mode != "off":
-        keys += ["prompt_discrepancy" if cfg.akd.mode == "minmax" else "prompt_probe_loss", "prompt_reg"]
+        keys += [objective_metric_key(cfg.akd.mode), "prompt_reg"]
     return keys
 
 

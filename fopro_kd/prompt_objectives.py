@@ -38,7 +38,7 @@ from fopro_kd.data.dataset import ImageSet
 from fopro_kd.data.transforms import to_float_on
 from fopro_kd.losses import representation_loss
 
-__all__ = ["PROMPT_OBJECTIVES", "ObjectiveContext", "build_prompt_objective", "support_fold"]
+__all__ = ["PROMPT_OBJECTIVES", "ObjectiveContext", "build_prompt_objective", "objective_metric_key", "support_fold"]
 
 FeaturesOf = Callable[[Tensor], Tensor]
 
@@ -67,6 +67,7 @@ class DiscriminativeObjective(nn.Module):
     """``CE(Q f + log π, y)`` with a linear probe Q trained jointly with the prompt."""
 
     needs_student = False
+    metric_key = "prompt_probe_loss"
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__()
@@ -84,6 +85,7 @@ class MinmaxObjective(nn.Module):
     """``−ℓ_rep(u, f)``: the prompt makes the teacher's target harder for the current student."""
 
     needs_student = True
+    metric_key = "prompt_discrepancy"
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__()
@@ -135,6 +137,7 @@ class PrototypeObjective(nn.Module):
     """
 
     needs_student = False
+    metric_key = "prompt_proto_loss"
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__()
@@ -191,6 +194,7 @@ class BNStatsObjective(nn.Module):
 
     needs_student = False
     records_teacher_forward = True
+    metric_key = "prompt_bn_loss"
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__()
@@ -233,6 +237,11 @@ PROMPT_OBJECTIVES: dict[str, type[nn.Module]] = {
     "prototype": PrototypeObjective,
     "bn_stats": BNStatsObjective,
 }
+
+
+def objective_metric_key(mode: str) -> str:
+    """The loss term an ``akd.mode`` objective reports (the same key at every site of a federation)."""
+    return PROMPT_OBJECTIVES[mode].metric_key
 
 
 def build_prompt_objective(mode: str, ctx: ObjectiveContext) -> nn.Module:
