@@ -54,6 +54,34 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> str:
     return digest
 
 
+def verify_checkpoint(path: str | Path) -> str:
+    """Check ``path`` against its ``.sha256`` sidecar *and require the sidecar*; return the digest.
+
+    :func:`load_checkpoint` verifies a sidecar when there is one, so a file copied without it (or
+    hand-made) loads unverified: a flipped byte in such a file is evaluated without a warning
+    (issue 14). Commands that score a checkpoint call this first; ``fopro-kd evaluate --no-verify``
+    skips it for a file that has no sidecar (a sidecar that does not match is always refused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} has no checksum ({sidecar.name} is missing), so its integrity cannot be verified; "
+            f"copy the sidecar with it, or pass --no-verify to use it unverified"
+        )
+    text = sidecar.read_text().strip()
+    expected = text.split()[0] if text else ""
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if expected != actual:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or truncated: SHA-256 {actual[:12]}... does not match "
+            f"{sidecar.name} ({expected[:12] or 'empty'}...)"
+        )
+    return actual
+
+
 def load_checkpoint(path: str | Path, expected_format: str | None = None) -> dict[str, Any]:
     """Load and verify a checkpoint written by :func:`save_checkpoint`."""
     path = Path(path)

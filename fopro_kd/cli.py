@@ -36,12 +36,41 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
+FINISHED_RUN_FILES = ("metrics.json", "best.pt")
+"""A run directory holding one of these is a finished single-site run (``train --out`` refuses it)."""
+
+
+def check_teacher_at_start_up(cfg: Config, always: bool = False) -> None:
+    """Teacher source, file and architecture (state-dict keys) before any data is decoded (issue 14).
+
+    ``always``: the command uses the teacher whatever the method (``probe``).
+    """
+    from fopro_kd.models.teacher import check_teacher_startup
+    from fopro_kd.training.components import uses_teacher
+
+    if always or uses_teacher(cfg) or cfg.student.init == "teacher":
+        checked = check_teacher_startup(cfg.teacher)
+        logger.info("teacher start-up check: %s", checked)
+
+
+def check_train_out(out: Path, overwrite: bool) -> None:
+    """Refuse to train into a finished run's directory (its best.pt / metrics.json) unless ``--overwrite``."""
+    found = [name for name in FINISHED_RUN_FILES if (out / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(
+            f"--out {out} already holds a finished run ({', '.join(found)}); choose another --out or pass "
+            f"--overwrite to replace it"
+        )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from fopro_kd.run_dir import default_run_dir
     from fopro_kd.training.single_site import train_single_site
 
     cfg = _load(args)
     out = Path(args.out) if args.out else default_run_dir(cfg)
+    check_train_out(out, args.overwrite)
+    check_teacher_at_start_up(cfg)
     metrics = train_single_site(cfg, out, progress=not args.no_progress)
     print(f"run directory: {out}")
     print(f"test balanced accuracy: {metrics['balanced_accuracy']:.4f}")
@@ -60,6 +89,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fopro_kd.training.single_site import evaluate_checkpoint
 
     cfg = _load(args)
+    if args.no_verify:
+        logger.warning("--no-verify: %s is used without checking its SHA-256 sidecar", args.checkpoint)
+    else:
+        from fopro_kd.checkpoint import verify_checkpoint
+
+        verify_checkpoint(args.checkpoint)
     metrics = evaluate_checkpoint(cfg, args.checkpoint, split=args.split)
     print(format_summary(metrics))
     if args.json:
@@ -84,6 +119,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import run_simulation_from_config
 
     cfg = _load(args)
+    check_teacher_at_start_up(cfg)
     resume = Path(args.resume) if args.resume else None
     if resume is not None and args.out and Path(args.out).resolve() != resume.resolve():
         raise ConfigError("--resume RUN_DIR continues that run directory; do not also pass a different --out")
@@ -97,6 +133,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if args.max_images is not None:
         args.overrides = [*args.overrides, f"probe.max_images={args.max_images}"]
     cfg = _load(args)
+    check_teacher_at_start_up(cfg, always=True)
     out = Path(args.out) if args.out else default_run_dir(cfg, kind="probe")
     payload = run_probe(cfg, out, progress=not args.no_progress)
     print(format_probe(payload))
@@ -143,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
              "fopro-kd train --config configs/demo.yaml --set train.epochs=2 --out runs/demo")
     _add_config_args(p)
     p.add_argument("--out", help="run directory (default: runs/<time>-<name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into an --out that already holds a finished run (replaces its best.pt and metrics)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
@@ -154,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"], default="test",
                    help="which split of the config's data to score (default: test)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics to this JSON file")
+    p.add_argument("--no-verify", action="store_true",
+                   help="score a checkpoint that has no .sha256 sidecar (by default it is refused); a sidecar that "
+                        "does not match is always refused")
     p.set_defaults(func=_cmd_evaluate)
 
     p = _sub(sub, "teacher", "demo teacher utilities", "fopro-kd teacher pretrain --epochs 4")
@@ -208,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, CheckpointError, ValueError) as exc:
+        print(f"fopro-kd: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a teacher / student weights error (WeightsLoadError): one line, no traceback
+        from fopro_kd.models.teacher import WeightsLoadError
+
+        if not isinstance(exc, WeightsLoadError):
+            raise
         print(f"fopro-kd: error: {exc}", file=sys.stderr)
         return 2
 

@@ -84,7 +84,7 @@ def prepared(strategy: ValidatedWeightedAvg) -> ValidatedWeightedAvg:
 
 
 def test_registry_lists_every_strategy():
-    assert list_strategies() == ["class_balanced", "fedavg", "fedmas", "fedprox"]
+    assert list_strategies() == ["class_balanced", "fedavg", "fedmas", "fedprox", "median", "trimmed_mean"]
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))

@@ -45,6 +45,7 @@ __all__ = [
     "WeightsLoadError",
     "build_teacher",
     "check_state_dict_compatible",
+    "check_teacher_startup",
     "create_timm_model",
     "feature_dim_of",
     "file_sha256",
@@ -182,6 +183,71 @@ def check_state_dict_compatible(
     return mismatched
 
 
+def _create(arch: str, prefix: str, error_cls: type[WeightsLoadError], **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with a bad ``model_kwargs`` entry turned into one clear error naming the field.
+
+    timm passes unknown keyword arguments to the model class, which raises ``TypeError``
+    (``ResNet.__init__() got an unexpected keyword argument 'pad_type'``): a 23-line traceback
+    after the data was decoded, before this wrapper (issue 14).
+    """
+    try:
+        return timm.create_model(arch, **kwargs)
+    except TypeError as exc:
+        extra = {k: v for k, v in kwargs.items() if k not in ("pretrained", "num_classes", "pretrained_cfg_overlay")}
+        raise error_cls(
+            f"'{prefix}.model_kwargs' {extra} is not accepted by timm '{arch}' ({exc}); remove the keyword or "
+            f"choose the architecture it belongs to ('{prefix}.arch')"
+        ) from exc
+
+
+def check_teacher_startup(cfg: TeacherConfig, demo_file: str | None = None) -> str:
+    """Cheap start-up check of the teacher, before any data is decoded; returns what was checked.
+
+    * ``teacher.source`` is one of hub, file, demo, none;
+    * ``teacher.arch`` is a timm architecture and accepts ``teacher.model_kwargs`` (the model is
+      built on the ``meta`` device: no memory, no weights);
+    * ``source: file`` (and ``demo`` with a file): the file exists and its state-dict *keys* are
+      those of the architecture (:func:`check_state_dict_compatible`, shapes left to the load).
+
+    The Hub itself is not contacted (``build_teacher`` bounds that by ``teacher.hub_timeout_s``).
+
+    Raises
+    ------
+    TeacherLoadError
+        Naming the ``teacher.*`` field to fix.
+    """
+    if cfg.source not in ("hub", "file", "demo", "none"):
+        raise TeacherLoadError(f"'teacher.source' must be one of hub, file, demo, none; got {cfg.source!r}")
+    arch = cfg.arch
+    if ":" not in arch and not timm.is_model(arch.split(".", 1)[0]):
+        raise TeacherLoadError(f"'teacher.arch': unknown timm architecture {arch!r} (see timm.list_models())")
+    kwargs = dict(cfg.model_kwargs or {})
+    try:
+        with torch.device("meta"):
+            shell = _create(arch, "teacher", TeacherLoadError, pretrained=False, num_classes=0, **kwargs)
+    except TeacherLoadError:
+        raise
+    except Exception:  # noqa: BLE001 - a model that cannot be built on "meta": leave the check to build_teacher
+        logger.debug("teacher start-up check: %s cannot be built on the meta device; skipped", arch)
+        return f"{arch} (not checked on the meta device)"
+    file = cfg.file if cfg.source == "file" else (cfg.file or demo_file) if cfg.source == "demo" else None
+    if cfg.source == "file" and not file:
+        raise TeacherLoadError("'teacher.file' is not set: set 'teacher.source: file' and "
+                               "'teacher.file: /path/to/weights.pth|.safetensors'")
+    if file:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise TeacherLoadError(
+                f"teacher.file: weights file not found: {path} (resolved to {path.resolve()}). Fix 'teacher.file' in "
+                "the config or pass --set teacher.file=/path/to/weights"
+            )
+        state_dict = _read_state_dict(path, "teacher.file", TeacherLoadError)
+        check_state_dict_compatible(shell, state_dict, source=str(path), field="teacher.file", arch=arch,
+                                    error_cls=TeacherLoadError, check_shapes=False)
+        return f"{arch} from {path} (state-dict keys match)"
+    return f"{arch} ({cfg.source})"
+
+
 def _hub_endpoint_reachable(timeout_s: float) -> bool:
     """TCP-connect to the Hub endpoint within ``timeout_s`` (DNS included, run in a daemon thread).
 
@@ -303,7 +369,7 @@ def create_timm_model(
         file_hint = f"set '{prefix}.{file_field}: /path/to/weights.pth|.safetensors' (or '{prefix}.init: random')"
 
     if source == "none":
-        model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+        model = _create(arch, prefix, error_cls, pretrained=False, num_classes=0, **kwargs)
         return model, "random (no weights)"
 
     if source == "file":
@@ -316,7 +382,7 @@ def create_timm_model(
                 f"Fix '{prefix}.{file_field}' in the config or pass --set {prefix}.{file_field}=/path/to/weights"
             )
         state_dict = _read_state_dict(path, f"{prefix}.{file_field}", error_cls)
-        shell = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+        shell = _create(arch, prefix, error_cls, pretrained=False, num_classes=0, **kwargs)
         mismatched = check_state_dict_compatible(
             shell, state_dict, source=str(path), field=f"{prefix}.{file_field}", arch=arch,
             error_cls=error_cls, check_shapes=False,
@@ -349,7 +415,10 @@ def create_timm_model(
         logger.warning("Hugging Face Hub unreachable within %.0f s; trying the local Hub cache only", hub_timeout_s)
     try:
         with _hub_settings(hub_timeout_s, offline=offline or not reachable):
-            model = timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay, **kwargs)
+            model = _create(arch, prefix, error_cls, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay,
+                            **kwargs)
+    except WeightsLoadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - LocalEntryNotFoundError, HTTP errors, "no pretrained weights"
         why = "HF_HUB_OFFLINE is set and the weights are not in the local Hub cache" if offline else (
             "the Hugging Face Hub is unreachable and the weights are not cached" if not reachable
