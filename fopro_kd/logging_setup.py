@@ -60,7 +60,17 @@ def detach_flower_console() -> bool:
     flower.propagate = True
     if _state["verbose"] is not None:
         flower.setLevel(logging.DEBUG if _state["verbose"] else logging.WARNING)
+        if not _state["verbose"] and not any(isinstance(f, _KnownDeprecation) for f in flower.filters):
+            flower.addFilter(_KnownDeprecation())
     return removed
+
+
+class _KnownDeprecation(logging.Filter):
+    """Drops Flower's warning that ``run_simulation`` is deprecated: ``fopro-kd simulate`` calls it on
+    purpose (one process, no SuperLink) and the user can do nothing about it (shown with ``--verbose``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
 def configure_logging(verbose: bool = False, stream: Any = None) -> logging.Handler:

@@ -226,7 +226,7 @@ METRIC_LABELS: dict[str, str] = {
     "loss": "total training loss",
     "loss_cls": "classification loss (main head)",
     "loss_aux": "classification loss (aux head)",
-    "loss_rep": "representation loss (2 - 2 cos)",
+    "loss_rep": "representation loss (2 - 2 cos, before λ)",
     "loss_prox": "FedProx proximal term",
     "epoch_seconds": "seconds per epoch",
     "images_per_second": "training images per second",

@@ -196,10 +196,11 @@ def _fmt(value: Any, percent: bool) -> str:
     return f"{100 * float(value):.1f}%" if percent else f"{float(value):.3f}"
 
 
-def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
-    """An HTML table; the first ``left`` columns are left-aligned (names), the rest right-aligned (numbers)."""
+def _table(header: list[str], rows: list[list[Any]], left: int = 1, text_cols: tuple[int, ...] = ()) -> str:
+    """An HTML table; the first ``left`` columns and ``text_cols`` are left-aligned (names, words), the rest
+    right-aligned (numbers)."""
     def cell(tag: str, i: int, value: Any) -> str:
-        cls = ' class="l"' if i < left else ""
+        cls = ' class="l"' if i < left or i in text_cols else ""
         return f"<{tag}{cls}>{_e(value)}</{tag}>"
 
     head = "".join(cell("th", i, h) for i, h in enumerate(header))
@@ -292,7 +293,7 @@ def _section_data(run_dir: Path, metrics: dict[str, Any], counts: dict[str, dict
     return "".join(parts)
 
 
-def _section_headline(metrics: dict[str, Any]) -> str:
+def _section_headline(metrics: dict[str, Any], config: dict[str, Any]) -> str:
     groups = metrics.get("shot_groups") or {}
     member = {"many_shot": groups.get("many"), "medium_shot": groups.get("medium"), "few_shot": groups.get("few"),
               "tail": metrics.get("tail_classes")}
@@ -312,11 +313,13 @@ def _section_headline(metrics: dict[str, Any]) -> str:
     eps = privacy.get("dp-epsilon", privacy.get("epsilon_max"))
     if eps is not None:
         rows.append(["differential privacy: ε spent", _fmt(eps, False), f"δ = {privacy.get('delta', '?')}"])
-    note = ("<p class='sub'>Shot groups by training count (many &gt; many_shot_threshold, few &lt; "
-            "few_shot_threshold); <i>tail</i>: the k rarest training classes (metrics.tail_classes), defined on "
-            "every data set. n/a: the group has no class with test images.</p>")
-    return "<h2>Headline (test split, selected model)</h2>" + _table(["metric", "value", "classes"], rows, left=1) \
-        + note
+    many = _get(config, "metrics.many_shot_threshold") or 100
+    few = _get(config, "metrics.few_shot_threshold") or 20
+    note = (f"<p class='sub'>Shot groups by training count: many &gt; {_e(many)}, medium {_e(few)}-{_e(many)}, few "
+            f"&lt; {_e(few)} training images; <i>tail</i>: the k rarest training classes (metrics.tail_classes), "
+            "defined on every data set. n/a: the group has no class with test images.</p>")
+    return "<h2>Headline (test split, selected model)</h2>" + \
+        _table(["metric", "value", "classes"], rows, left=1, text_cols=(2,)) + note
 
 
 def _section_classes(metrics: dict[str, Any], counts: dict[str, dict[str, int]] | None) -> str:
@@ -340,7 +343,7 @@ def _section_classes(metrics: dict[str, Any], counts: dict[str, dict[str, int]] 
         if last:
             row.append(_fmt(last.get(name), True))
         rows.append(row)
-    return "<h2>Per-class recall (classes by training count)</h2>" + _table(header, rows)
+    return "<h2>Per-class recall (classes by training count)</h2>" + _table(header, rows, text_cols=(4,))
 
 
 def _section_federation(metrics: dict[str, Any], history: list[dict[str, Any]],
@@ -450,7 +453,7 @@ def write_run_report(run_dir: str | Path, refresh_plots: bool = True) -> Path:
     body = [
         _section_run(run_dir, metrics, config, federated),
         _section_data(run_dir, metrics, counts, fingerprint),
-        _section_headline(metrics),
+        _section_headline(metrics, config),
         _section_classes(metrics, counts),
     ]
     if federated:
