@@ -276,6 +276,8 @@ def print_report(
         print(warning, file=sys.stderr)
         if fmt == "text":
             print(warning)
+        elif fmt == "markdown":  # the document keeps the warning too
+            print(f"> **Warning: not like with like**: {problem}\n")
     if fmt == "text":
         print("test metrics of the model selected on validation (%; per-class columns = recall)")
     elif fmt == "markdown":
