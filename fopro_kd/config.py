@@ -355,6 +355,15 @@ class PrivacyConfig:
     """Rounds the budget must last; ``None`` = ``federation.num_rounds``."""
     noise_seed: int | None = None
     """``None`` (required for a real guarantee): noise and Poisson sampling use a secret OS seed. An integer makes DP runs reproducible for tests only and voids the guarantee."""
+    # --- the DP training recipe (issue 11 §3, docs/privacy.md §6.3): large Poisson batches, documented lr rule
+    max_physical_batch_size: int | None = None
+    """Memory bound of DP-SGD: each Poisson batch (expected size ``train.batch_size``) is processed in chunks of at most this many examples whose clipped per-sample gradients are summed and noised once (one logical step, one accountant event). ``None``: no split."""
+    lr_rule: Literal["fixed", "linear"] = "fixed"
+    """DP learning rate: ``fixed`` = ``train.lr``; ``linear`` = ``train.lr × train.batch_size / lr_reference_batch`` (applied in ``local`` mode and by the frozen-feature probe)."""
+    lr_reference_batch: int = 256
+    """Batch at which ``train.lr`` is meant under ``lr_rule: linear``."""
+    feature_norm: Literal["none", "l2"] = "l2"
+    """Frozen-feature probe only (fopro_kd/privacy/feature_probe.py): ``l2`` divides every backbone feature by its own norm (a per-example, data-independent map: no private statistic), which also bounds every per-sample gradient of the linear head."""
 
 
 @dataclass
@@ -663,6 +672,17 @@ def _check_privacy(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: 'privacy.{name}' must be > 0, got {value!r}")
     if not 0 < p.delta < 1:
         raise ConfigError(f"{source}: 'privacy.delta' must be in (0, 1), got {p.delta!r}")
+    if p.max_physical_batch_size is not None and p.max_physical_batch_size < 1:
+        raise ConfigError(f"{source}: 'privacy.max_physical_batch_size' must be >= 1 or null, got {p.max_physical_batch_size!r}")
+    if p.lr_reference_batch < 1:
+        raise ConfigError(f"{source}: 'privacy.lr_reference_batch' must be >= 1, got {p.lr_reference_batch!r}")
+    if p.mode == "local" and p.max_physical_batch_size is not None:
+        if p.prompt == "dp" and cfg.train.method == "fopro-kd" and cfg.akd.mode != "off":
+            raise ConfigError(f"{source}: 'privacy.max_physical_batch_size' splits only the student's DP-SGD step; with "
+                              "privacy.prompt 'dp' leave it null (the DP prompt step needs the whole batch)")
+        if cfg.federation.local_steps is not None:
+            raise ConfigError(f"{source}: 'privacy.max_physical_batch_size' with 'federation.local_steps': the trainer "
+                              "counts physical chunks as steps; use federation.local_epochs")
     if p.mode == "local" and p.target_epsilon is None and p.noise_multiplier is None:
         raise ConfigError(
             f"{source}: 'privacy.mode' is 'local': set 'privacy.target_epsilon' (the noise multiplier is then derived "

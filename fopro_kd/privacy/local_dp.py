@@ -51,6 +51,7 @@ from fopro_kd.privacy.accounting import (
 from fopro_kd.privacy.sampling import PoissonBatchLoader
 from fopro_kd.privacy.statistics import REP_LOSS_BOUND, class_means_from_release, privatize_statistics, statistics_policy
 from fopro_kd.privacy.surgery import private_compatibility_problems
+from fopro_kd.prompt import prompt_input
 from fopro_kd.training.teacher_view import teacher_features
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,7 +61,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("fopro_kd.privacy")
 
-__all__ = ["DP_STATE_FORMAT", "DPContext", "planned_statistics_events", "planned_steps_per_round"]
+__all__ = ["DP_STATE_FORMAT", "DPContext", "check_recipe", "planned_statistics_events", "planned_steps_per_round",
+           "recipe_lr"]
 
 DP_STATE_FORMAT = "fopro-kd-dp-state/1"
 
@@ -71,6 +73,45 @@ def planned_steps_per_round(cfg: Config, num_train: int) -> int:
     if cfg.federation.local_steps is not None:
         return int(cfg.federation.local_steps)
     return int(cfg.federation.local_epochs) * steps_per_epoch
+
+
+def recipe_lr(cfg: Config) -> float:
+    """Learning rate of DP-SGD under the recipe's rule (``privacy.lr_rule``).
+
+    ``fixed``: ``train.lr``. ``linear``: ``train.lr × B / privacy.lr_reference_batch`` with B the
+    expected (logical) batch ``train.batch_size``. Why linear: DP-SGD's update is
+    ``lr · (Σ_i clip(g_i) + N(0, σ²C²)) / B``; at a fixed ε a larger B lowers the noise per
+    example, but the averaged clipped gradient keeps its size, so with a fixed lr a larger batch
+    only makes fewer steps per epoch. Scaling lr with B keeps the distance moved per epoch
+    (Goyal et al., 2017, "Accurate, large minibatch SGD"); it depends on the config only.
+    """
+    lr = float(cfg.train.lr)
+    if cfg.privacy.lr_rule == "linear":
+        lr *= float(cfg.train.batch_size) / float(cfg.privacy.lr_reference_batch)
+    return lr
+
+
+def check_recipe(cfg: Config, num_train: int) -> None:
+    """One clear error, before anything is trained or spent, for a DP recipe that does not fit the data.
+
+    Raises
+    ------
+    ValueError
+        The expected Poisson batch ``train.batch_size`` exceeds the N training examples of the
+        site (q would be 1: no amplification by subsampling, and Opacus' ⌈N/B⌉ rule would silently
+        shrink the batch), or ``privacy.max_physical_batch_size`` is below 1.
+    """
+    p = cfg.privacy
+    if num_train < 1:
+        raise ValueError("DP-SGD: the site has no training examples")
+    batch = int(cfg.train.batch_size)
+    if (p.max_physical_batch_size is not None or p.lr_rule != "fixed") and batch > num_train:
+        raise ValueError(
+            f"DP recipe: the expected Poisson batch train.batch_size = {batch} is larger than the {num_train} training "
+            f"examples of this site; set train.batch_size <= {num_train} (q = B / N must be < 1 for amplification)"
+        )
+    if p.max_physical_batch_size is not None and p.max_physical_batch_size < 1:
+        raise ValueError(f"privacy.max_physical_batch_size must be >= 1, got {p.max_physical_batch_size!r}")
 
 
 def planned_rounds(cfg: Config) -> int:
@@ -111,7 +152,7 @@ class _PromptObjective(nn.Module):
     def forward(self, x: Tensor, y: Tensor, u: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         teacher = self._teacher
         feats = teacher_features(teacher, x, self.prompt, self.domain).float()
-        reg = self.prompt.regularizer(teacher.resize(x))
+        reg = self.prompt.regularizer(prompt_input(teacher, x, self.domain))  # R on the tensor the prompt is applied to
         if self.mode == "minmax":
             stat = representation_loss(u, feats).mean()
             objective = -stat + reg
@@ -197,6 +238,13 @@ class DPContext:
         self.optimizer = None
         self.prompt_optimizer = None
         self._params_by_name = dict(trainer.student.named_parameters())
+        self._loader: PoissonBatchLoader | None = None
+        if p.lr_rule != "fixed":  # the recipe's learning-rate rule (recipe_lr): config-only, so every round agrees
+            lr = recipe_lr(cfg)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = lr
+            logger.info("privacy.lr_rule %s: DP-SGD learning rate %.4g (train.lr %.4g, expected batch %d)",
+                        p.lr_rule, lr, cfg.train.lr, cfg.train.batch_size)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -295,6 +343,7 @@ class DPContext:
         PrivacyBudgetExhausted
             The round would exceed ``privacy.target_epsilon``; nothing has been spent.
         """
+        check_recipe(self.cfg, len(data))
         reason = self.check_budget(len(data), epochs, max_steps)
         if reason is not None:
             raise PrivacyBudgetExhausted(reason)
@@ -317,15 +366,31 @@ class DPContext:
         logger.info("DP-SGD: N=%d, q=%.4g, sigma=%.4g, C=%.3g, up to %d steps; epsilon so far %.4f (target %s)",
                     len(data), self.sample_rate, self.noise_multiplier, self.max_grad_norm, plan["steps"],
                     self.epsilon(), self.target_epsilon)
-        return PoissonBatchLoader(data, self.sample_rate, plan["steps_per_epoch"], self.sample_generator)
+        self._loader = PoissonBatchLoader(data, self.sample_rate, plan["steps_per_epoch"], self.sample_generator,
+                                          max_physical_batch_size=self.cfg.privacy.max_physical_batch_size)
+        return self._loader
+
+    @property
+    def in_last_chunk(self) -> bool:
+        """True unless the trainer is inside a logical Poisson batch that has more physical chunks to come."""
+        return self._loader is None or self._loader.last_chunk
 
     def student_step(self, loss: Tensor, anchor: Mapping[str, Tensor] | None, proximal_mu: float) -> None:
-        """Per-sample clipped, noised update of the student (replaces backward + clip + step)."""
+        """Per-sample clipped, noised update of the student (replaces backward + clip + step).
+
+        Inside a logical batch that is split into physical chunks, every chunk but the last only
+        clips and accumulates (Opacus' ``signal_skip_step``, as its ``BatchMemoryManager``);
+        the last adds the noise once, scales by the expected logical batch and steps. The loss is
+        the chunk's mean, which ``GradSampleModule`` (``loss_reduction="mean"``) turns back into
+        per-sample gradients, so the sum over chunks is the logical batch's sum.
+        """
         opt = self.optimizer
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)  # keeps the accumulated sum while the previous chunk was skipped
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
+        if not self.in_last_chunk:
+            opt.signal_skip_step(do_skip=True)
         if opt.pre_step():
             self._add_proximal(anchor, proximal_mu)
             opt.original_optimizer.step()
@@ -343,7 +408,9 @@ class DPContext:
         return {"loss": 0.0}
 
     def account_batch(self, prompt_active: bool) -> None:
-        """One accountant event for the batch: σ/√r at the sample rate q."""
+        """One accountant event for the batch: σ/√r at the sample rate q (logical batches only, not chunks)."""
+        if not self.in_last_chunk:
+            return
         r = self.releases_per_batch(prompt_active)
         self.accountant.step(noise_multiplier=self.noise_multiplier / math.sqrt(r), sample_rate=self.sample_rate)
 

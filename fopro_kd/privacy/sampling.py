@@ -14,7 +14,22 @@ import torch
 
 from fopro_kd.data.dataset import ImageSet
 
-__all__ = ["PoissonBatchLoader"]
+__all__ = ["PoissonBatchLoader", "physical_chunks"]
+
+
+def physical_chunks(num: int, max_physical_batch_size: int | None) -> list[slice]:
+    """Slices that cut a logical batch of ``num`` examples into chunks of at most ``max_physical_batch_size``.
+
+    Why: DP-SGD needs large *logical* (Poisson) batches for a good signal-to-noise ratio, but
+    per-sample gradients of a large batch do not fit in memory. The chunks' clipped per-sample
+    gradients are summed and noised once, so the update (and the accountant's one event) is the
+    logical batch's. An empty batch is one empty chunk (it still makes a noise-only step).
+    """
+    if max_physical_batch_size is None or num <= max_physical_batch_size:
+        return [slice(0, num)]
+    if max_physical_batch_size < 1:
+        raise ValueError(f"privacy.max_physical_batch_size must be >= 1, got {max_physical_batch_size!r}")
+    return [slice(start, min(start + max_physical_batch_size, num)) for start in range(0, num, max_physical_batch_size)]
 
 
 class PoissonBatchLoader:
@@ -31,9 +46,14 @@ class PoissonBatchLoader:
     sample_rate : inclusion probability q of each example at each step.
     steps_per_epoch : draws per epoch (Opacus: the number of batches of the non-private loader).
     generator : CPU generator, seeded secretly.
+    max_physical_batch_size : None (default): one yield per logical batch. An integer: each
+        logical batch is yielded in chunks of at most this many examples;
+        :attr:`last_chunk` is True while the caller handles the last chunk of a logical batch
+        (where the DP optimizer adds the noise and steps, and the accountant counts one step).
     """
 
-    def __init__(self, data: ImageSet, sample_rate: float, steps_per_epoch: int, generator: torch.Generator) -> None:
+    def __init__(self, data: ImageSet, sample_rate: float, steps_per_epoch: int, generator: torch.Generator,
+                 max_physical_batch_size: int | None = None) -> None:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         if steps_per_epoch < 1:
@@ -43,6 +63,11 @@ class PoissonBatchLoader:
         self.steps_per_epoch = int(steps_per_epoch)
         self.generator = generator
         self.epoch = 0
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise ValueError(f"privacy.max_physical_batch_size must be >= 1, got {max_physical_batch_size!r}")
+        self.max_physical_batch_size = max_physical_batch_size
+        self.last_chunk = True
+        self.logical_steps = 0
 
     @property
     def expected_batch_size(self) -> float:
@@ -53,6 +78,7 @@ class PoissonBatchLoader:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
+        """Logical batches per epoch (physical chunks may be more)."""
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -61,5 +87,12 @@ class PoissonBatchLoader:
         for _ in range(self.steps_per_epoch):
             mask = torch.rand(n, generator=self.generator) < self.sample_rate
             idx = mask.nonzero(as_tuple=False).reshape(-1)
-            yield images.index_select(0, idx.to(images.device)), labels.index_select(0, idx.to(labels.device)), idx
+            chunks = physical_chunks(int(idx.numel()), self.max_physical_batch_size)
+            for k, part in enumerate(chunks):
+                sub = idx[part]
+                self.last_chunk = k == len(chunks) - 1
+                if self.last_chunk:
+                    self.logical_steps += 1
+                yield images.index_select(0, sub.to(images.device)), labels.index_select(0, sub.to(labels.device)), sub
+        self.last_chunk = True
         self.epoch += 1
