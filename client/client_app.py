@@ -493,10 +493,21 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
 
 
 def _with_node_context(fn: Callable[[], Message], context: Context) -> Message:
-    """Run a handler; re-raise failures with the node and site in the message (it becomes the error reply)."""
+    """Run a handler; re-raise failures with the node and site in the message (it becomes the error reply).
+
+    The full error (traceback, local paths) is logged here, on the site; what is raised, and so
+    sent to the server, is passed through :func:`server.validation.redact_error_reason`: no
+    traceback, every absolute path replaced by ``<path>`` (issue 14).
+    """
+    from server.validation import redact_error_reason
+
     try:
         return fn()
-    except (SiteSkipped, SiteDataError):
+    except (SiteSkipped, SiteDataError) as exc:
+        redacted = redact_error_reason(str(exc))
+        if redacted != str(exc):
+            logger.error("node %s: %s", context.node_id, exc)  # the unredacted message stays on the site
+            exc.args = (redacted,)
         raise
     except Exception as exc:
         where = f"node {context.node_id}"
@@ -504,7 +515,7 @@ def _with_node_context(fn: Callable[[], Message], context: Context) -> Message:
         if pid is not None:
             where += f" ({site_name(int(pid))})"
         logger.exception("%s: client handler failed", where)
-        raise RuntimeError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        raise RuntimeError(redact_error_reason(f"{where}: {type(exc).__name__}: {exc}")) from exc
 
 
 def make_client_app(

@@ -60,6 +60,7 @@ from flwr.serverapp import Grid
 from client.data import site_name
 
 from server.history import RoundRecorder
+from server.validation import redact_error_reason
 
 __all__ = [
     "DECLINE_RECORD_KEY",
@@ -371,7 +372,10 @@ class RoundGuard:
         return reasons
 
     def _unavailable(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[int, str]]:
-        """Split off the SuperLink's error replies that stand for a sent node (``{node: reason}``)."""
+        """Split off the SuperLink's error replies that stand for a sent node (``{node: reason}``).
+
+        Every error reason is also passed through :func:`server.validation.redact_error_reason`.
+        """
         sent = self._sent_ids.get(server_round, {})
         for m in self._sent_messages.get(server_round, []):  # message ids are set when the grid pushes them
             if m.metadata.message_id:
@@ -380,6 +384,8 @@ class RoundGuard:
         kept, unavailable = [], {}
         for msg in replies:
             node = int(msg.metadata.src_node_id)
+            if msg.has_error():  # defence in depth: no traceback or site path in the server's log and history
+                msg.error.__dict__["_reason"] = redact_error_reason(str(msg.error.reason))
             stands_for = sent.get(msg.metadata.reply_to_message_id) if msg.has_error() else None
             if stands_for is not None and node != stands_for and node not in targets:
                 unavailable[stands_for] = f"node unavailable ({msg.error.reason})"

@@ -14,6 +14,7 @@ Reason strings start with the check's name followed by a colon (``"names: ..."``
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -27,12 +28,43 @@ COUNT_SUFFIX = "-counts"
 __all__ = [
     "NUM_EXAMPLES_KEY",
     "reason_check",
+    "redact_error_reason",
     "to_numpy_dict",
     "update_norm",
     "validate_arrays",
     "validate_metrics",
     "validate_reply",
 ]
+
+
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
+_FRAME = re.compile(r'^\s*File "[^"]*", line \d+.*$', re.MULTILINE)
+_POSIX_PATH = re.compile(r"(?<![\w.~<>-])~?(?:/[\w.@+%-]+){2,}/?")
+"""An absolute (or ``~``) path of two or more components; relative names (``../../x``) are echoed as sent."""
+_WINDOWS_PATH = re.compile(r"\b[A-Za-z]:\\[^\s'\"<>|]+")
+MAX_ERROR_REASON = 400
+"""Characters of an error reason kept: one clear sentence, never a dump."""
+
+
+def redact_error_reason(reason: str, max_chars: int = MAX_ERROR_REASON) -> str:
+    """An error reason fit to leave a hospital: no traceback, no local paths, bounded length.
+
+    A ClientApp's exception text becomes the error reply's reason, which the server logs and
+    writes to ``metrics.json``. Python tracebacks (and Ray's wrapped ones) show the site's file
+    system and code; paths in a message (``/data/ham10000/images/ISIC_0024306.jpg``) name its
+    layout. Both stay in the site's own log; what is sent keeps the exception type and the
+    message with every absolute path replaced by ``<path>``.
+
+    >>> redact_error_reason('site-2: SiteDataError: cannot read /data/ham/x.jpg (truncated)')
+    'site-2: SiteDataError: cannot read <path> (truncated)'
+    >>> redact_error_reason('boom\\nTraceback (most recent call last):\\n  File "/srv/a.py", line 3, in f\\nValueError: x')
+    'boom'
+    """
+    text = _TRACEBACK.sub("", str(reason))
+    text = _FRAME.sub("", text)
+    text = _WINDOWS_PATH.sub("<path>", _POSIX_PATH.sub("<path>", text))
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
 def to_numpy_dict(arrays: ArrayRecord) -> dict[str, np.ndarray]:

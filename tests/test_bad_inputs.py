@@ -543,3 +543,152 @@ def test_no_unpickling_of_data() -> None:
     yaml_loads = [f"{p.relative_to(REPO)}:{c.lineno}" for p, c in _calls("load")
                   if isinstance(c.func.value, ast.Name) and c.func.value.id == "yaml"]
     assert yaml_loads == [], f"yaml.load (use yaml.safe_load): {yaml_loads}"
+
+
+# =========================================================================== early, clean errors (issue 14)
+
+
+@pytest.mark.parametrize(
+    ("values", "pattern"),
+    [
+        ({"metrics": {"few_shot_threshold": 500}}, r"'metrics\.few_shot_threshold' \(500\) must be <= "
+                                                   r"'metrics\.many_shot_threshold' \(100\)"),               # 55
+        ({"metrics": {"tail_classes": 0}}, r"'metrics\.tail_classes' must be >= 1"),                         # 56
+        ({"federation": {"update_norm_factor": -1}}, r"'federation\.update_norm_factor' must be a finite"),  # 57
+        ({"federation": {"trim_fraction": 0.5}}, r"'federation\.trim_fraction' must be in \[0, 0\.5\)"),     # 58
+        ({"federation": {"node_wait_s": 0}}, r"'federation\.node_wait_s' must be a finite number > 0"),      # 59
+        ({"federation": {"max_num_examples": 0}}, r"'federation\.max_num_examples' must be an integer >= 1"),  # 60
+        ({"federation": {"num_examples_growth": 0.5}}, r"'federation\.num_examples_growth' must be"),       # 61
+    ],
+)
+def test_bad_robustness_and_metric_values_fail_at_load(tmp_path: Path, values: Any, pattern: str) -> None:
+    path = _yaml(tmp_path, values)
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def _cli_config(tmp_path: Path, **sections: Any) -> Path:
+    values = tiny().to_dict()
+    for name, extra in sections.items():
+        values[name] = {**values[name], **extra}
+    return _yaml(tmp_path, values, "cli.yaml")
+
+
+@pytest.fixture()
+def no_training(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace the training and evaluation entry points: a start-up check must fire before any of them."""
+    import fopro_kd.training.single_site as single_site
+
+    calls: list[str] = []
+    finished = {"balanced_accuracy": 0.5, "few_shot": None, "tail": None, "tail_classes": []}
+    monkeypatch.setattr(single_site, "train_single_site", lambda *a, **k: calls.append("train") or finished)
+    monkeypatch.setattr(single_site, "evaluate_checkpoint", lambda *a, **k: calls.append("evaluate") or {})
+    return calls
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from fopro_kd.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fopro-kd: error: ") and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_teacher_file_missing_fails_at_start_up_before_data(tmp_path: Path, no_training: list[str],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _cli_config(tmp_path, teacher={"source": "file", "file": str(tmp_path / "gone.pth")})
+    err = _cli_error(["train", "--config", str(cfg), "--out", str(tmp_path / "run")], capsys)           # 62
+    assert "teacher.file: weights file not found" in err and "gone.pth" in err
+    assert no_training == [], "the check must come before the data is decoded"
+
+
+def test_teacher_file_of_another_architecture_fails_at_start_up(tmp_path: Path, no_training: list[str],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import timm
+
+    path = tmp_path / "efficientnet.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    cfg = _cli_config(tmp_path, teacher={"source": "file", "file": str(path)})
+    err = _cli_error(["simulate", "--config", str(cfg), "--out", str(tmp_path / "sim")], capsys)         # 63
+    assert "does not look like a timm 'test_resnet' checkpoint" in err and "teacher.file" in err
+    assert not (tmp_path / "sim").exists()
+
+
+def test_teacher_model_kwargs_of_another_architecture_is_one_clear_error(tmp_path: Path, no_training: list[str],
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from fopro_kd.models.teacher import check_teacher_startup
+
+    with pytest.raises(TeacherLoadError, match=r"'teacher\.model_kwargs' \{'pad_type': 'same'\} is not accepted "
+                                               r"by timm 'resnet50'.*pad_type"):                            # 64
+        check_teacher_startup(TeacherConfig(arch="resnet50", source="hub", model_kwargs={"pad_type": "same"}))
+    cfg = _cli_config(tmp_path, teacher={"model_kwargs": {"pad_type": "same"}})
+    err = _cli_error(["train", "--config", str(cfg), "--out", str(tmp_path / "run")], capsys)
+    assert "teacher.model_kwargs" in err and no_training == []
+    with pytest.raises(TeacherLoadError, match=r"teacher\.model_kwargs"):  # and when the teacher is built
+        build_teacher(TeacherConfig(arch="test_resnet", source="none", model_kwargs={"pad_type": "same"}))
+
+
+def test_train_out_onto_a_finished_run_needs_overwrite(tmp_path: Path, no_training: list[str],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"balanced_accuracy": 0.5}')
+    cfg = _cli_config(tmp_path)
+    err = _cli_error(["train", "--config", str(cfg), "--out", str(out)], capsys)                        # 65
+    assert "already holds a finished run (metrics.json)" in err and "--overwrite" in err
+    assert no_training == [] and (out / "metrics.json").read_text() == '{"balanced_accuracy": 0.5}'
+    from fopro_kd.cli import main
+
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--overwrite"]) == 0
+    assert no_training == ["train"]
+
+
+def test_checkpoint_without_a_valid_checksum_is_refused_unless_no_verify(tmp_path: Path, no_training: list[str],
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"format": "fopro-kd-student/1", "w": torch.zeros(3)})
+    path.with_name("best.pt.sha256").unlink()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    cfg = _cli_config(tmp_path)
+    err = _cli_error(["evaluate", "--config", str(cfg), "--checkpoint", str(path)], capsys)             # 66
+    assert "has no checksum (best.pt.sha256 is missing)" in err and "--no-verify" in err
+    assert no_training == []
+    from fopro_kd.cli import main
+
+    try:  # --no-verify goes on to the (stubbed) evaluation; printing its empty summary is not the point here
+        main(["evaluate", "--config", str(cfg), "--checkpoint", str(path), "--no-verify"])
+    except (KeyError, TypeError):
+        pass
+    assert no_training == ["evaluate"]
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"format": "fopro-kd-student/1"})
+    good.with_name("good.pt.sha256").write_text("0" * 64 + "  good.pt\n")
+    from fopro_kd.checkpoint import verify_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"good\.pt is corrupted or truncated"):                  # 67
+        verify_checkpoint(good)
+
+
+def test_error_replies_carry_no_traceback_or_local_path(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from client.client_app import _with_node_context
+
+    context = Context(run_id=1, node_id=1002, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+
+    def failing() -> Message:
+        raise FileNotFoundError(f"[Errno 2] No such file: '{tmp_path}/hospital/ham10000/ISIC_0024306.jpg'")
+
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError) as info:                          # 68
+        _with_node_context(failing, context)
+    sent = str(info.value)
+    assert sent == "node 1002 (site-2): FileNotFoundError: [Errno 2] No such file: '<path>'"
+    assert str(tmp_path) in caplog.text, "the full error stays in the site's own log"
+
+    def site_data_error() -> Message:
+        raise SiteDataError(f"node 1002 (site-2): data root {tmp_path}/gone does not exist")
+
+    with pytest.raises(SiteDataError, match=r"data root <path> does not exist"):
+        _with_node_context(site_data_error, context)

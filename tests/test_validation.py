@@ -86,3 +86,129 @@ def test_max_update_norm_bound():
 def test_update_norm_shape_mismatch_raises():
     with pytest.raises(ValueError, match="shape"):
         update_norm(good_arrays(w=np.ones(6, np.float32)), REFERENCE)
+
+
+# --------------------------------------------------------------------------- robust aggregation pieces (issue 14)
+
+
+def _reply(site: int, n: int, node: int):
+    from flwr.app import Message, RecordDict
+
+    sent = Message(RecordDict(), dst_node_id=node, message_type="train")
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "site-id": site})}), reply_to=sent)
+
+
+@pytest.fixture()
+def _identity():
+    from federation_helpers import fake_task_identity
+
+    with fake_task_identity(run_id=31):
+        yield
+
+
+def test_robust_combine_ignores_one_outlier_per_coordinate():
+    from server.strategies.robust import robust_combine
+
+    stacked = np.array([[1.0, -2.0], [1.2, -2.2], [1e6, 5e5]])
+    assert robust_combine(stacked, "median").tolist() == [1.2, -2.0]
+    five = np.array([[0.0], [1.0], [2.0], [1e9], [-1e9]])
+    assert robust_combine(five, "trimmed_mean", 0.2).tolist() == [1.0]  # floor(0.2 * 5) = 1 dropped at each end
+    assert robust_combine(five, "trimmed_mean", 0.0)[0] == pytest.approx(0.6)  # nothing trimmed: the plain mean
+    with pytest.raises(ValueError, match="unknown robust rule"):
+        robust_combine(five, "krum")
+
+
+def test_cosine_of_a_sign_flipped_update_is_minus_one():
+    from server.strategies.robust import cosine
+
+    update = {"w": np.array([1.0, -2.0, 3.0])}
+    assert cosine({"w": -update["w"]}, update) == pytest.approx(-1.0)
+    assert cosine({"w": 2 * update["w"]}, update) == pytest.approx(1.0)
+    assert cosine({"w": np.zeros(3)}, update) == 0.0
+
+
+def test_global_norm_leaves_integer_buffers_out_and_aggregate_problem_finds_nan():
+    from server.rounds import aggregate_problem, global_norm
+
+    arrays = record(w=np.array([3.0, 4.0], np.float32), steps=np.array(10**6, np.int64))
+    assert global_norm(arrays) == pytest.approx(5.0)
+    assert aggregate_problem(arrays) is None
+    bad = record(w=np.array([3.0, np.inf], np.float32))
+    assert "non-finite" in aggregate_problem(bad) and "'w'" in aggregate_problem(bad)
+
+
+def test_relative_norm_bound_follows_the_global_model_and_an_absolute_bound_wins():
+    from server.history import RoundRecorder
+    from server.rounds import RoundGuard
+
+    class Stub:
+        max_update_norm = None
+
+    guard, stub = RoundGuard(RoundRecorder(), update_norm_factor=0.5), Stub()
+    guard.set_norm_bound(stub, 1, record(w=np.array([3.0, 4.0], np.float32)))
+    assert stub.max_update_norm == pytest.approx(2.5) and guard.norm_bounds == {1: pytest.approx(2.5)}
+    fixed = RoundGuard(RoundRecorder(), update_norm_factor=0.5, max_update_norm=7.0)
+    fixed.set_norm_bound(stub, 1, record(w=np.array([3.0, 4.0], np.float32)))
+    assert stub.max_update_norm == 7.0
+
+
+def test_num_examples_cap_peer_ratio_growth_and_absolute(_identity):
+    from server.history import RoundRecorder
+    from server.rounds import RoundGuard
+
+    guard = RoundGuard(RoundRecorder(), num_examples_growth=2.0, num_examples_peer_ratio=100.0, max_num_examples=10**6)
+    honest = [_reply(0, 300, 10), _reply(1, 20, 11)]
+    assert guard.num_examples_reasons(honest) == {}  # 15x apart: a quantity skew, not an attack
+    reasons = guard.num_examples_reasons([*honest, _reply(2, 10**5, 12)])
+    assert list(reasons) == [2] and "num_examples_peer_ratio" in reasons[2] and "site-2" in reasons[2]
+    assert "max_num_examples" in guard.num_examples_reasons([*honest, _reply(2, 10**7, 12)])[2]
+    guard.first_num_examples["site-1"] = 20
+    assert guard.num_examples_reasons([_reply(1, 40, 11)]) == {}
+    assert "first accepted value 20" in guard.num_examples_reasons([_reply(1, 41, 11)])[0]
+    state = guard.state_dict()
+    again = RoundGuard(RoundRecorder())
+    again.load_state_dict(state)
+    assert again.first_num_examples == {"site-1": 20}, "the cap survives a resume"
+
+
+def test_bounded_wait_grid_raises_after_the_bound_and_resets_when_nodes_return():
+    from server.rounds import BoundedWaitGrid, NodesUnavailable
+
+    class Nodes:
+        ids = [1, 2]
+
+        def get_node_ids(self):
+            return list(self.ids)
+
+    now = [0.0]
+    inner = Nodes()
+    grid = BoundedWaitGrid(inner, min_nodes=2, wait_s=5.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert grid.get_node_ids() == [1, 2]
+    inner.ids = [1]
+    for t in (10.0, 12.0, 15.0):  # short since t=10: still within the bound at t=15
+        now[0] = t
+        assert grid.get_node_ids() == [1]
+    inner.ids = [1, 2]
+    now[0] = 16.0
+    assert grid.get_node_ids() == [1, 2], "a node back in time resets the wait"
+    inner.ids = [1]
+    now[0] = 20.0
+    grid.get_node_ids()
+    now[0] = 25.5
+    with pytest.raises(NodesUnavailable, match=r"only 1 node\(s\) connected for 6 s.*node_wait_s=5") as info:
+        grid.get_node_ids()
+    assert (info.value.connected, info.value.required) == (1, 2)
+
+
+def test_redact_error_reason_drops_tracebacks_and_paths():
+    from server.validation import redact_error_reason
+
+    ray_like = ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. "
+                "Message: node 1002 (site-2): FileNotFoundError: /data/hospital-b/ham10000/ISIC_0024306.jpg\n"
+                "Traceback (most recent call last):\n  File \"/opt/fopro/client/client_app.py\", line 12, in train\n"
+                "    raise FileNotFoundError(path)\nFileNotFoundError: /data/hospital-b/x.jpg'>")
+    out = redact_error_reason(ray_like)
+    assert "Traceback" not in out and "/data" not in out and "/opt" not in out and 'File "' not in out
+    assert "node 1002 (site-2): FileNotFoundError: <path>" in out
+    assert len(redact_error_reason("x" * 5000)) == 400
+    assert redact_error_reason(r"C:\Users\lab\weights.pth missing") == "<path> missing"
