@@ -596,7 +596,9 @@ def run_federation(
                        min_valid_replies=fed.min_valid_replies, update_norm_factor=fed.update_norm_factor,
                        max_update_norm=fed.max_update_norm, max_num_examples=fed.max_num_examples,
                        num_examples_growth=fed.num_examples_growth,
-                       num_examples_peer_ratio=fed.num_examples_peer_ratio)
+                       # central DP: whether a reply is kept must not depend on other sites' data (sensitivity)
+                       num_examples_peer_ratio=(float("inf") if cfg.privacy.mode == "central"
+                                                else fed.num_examples_peer_ratio))
     if resumed is not None:
         guard.load_state_dict(resumed.payload.get("guard"))
     guard.instrument(strategy)
