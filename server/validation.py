@@ -37,32 +37,58 @@ __all__ = [
 ]
 
 
-_TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
-_FRAME = re.compile(r'^\s*File "[^"]*", line \d+.*$', re.MULTILINE)
+_TRACEBACK_HEAD = "Traceback (most recent call last):"
+_FRAME = re.compile(r'^\s*File "[^"]*", line \d+')
 _POSIX_PATH = re.compile(r"(?<![\w.~<>-])~?(?:/[\w.@+%-]+){2,}/?")
 """An absolute (or ``~``) path of two or more components; relative names (``../../x``) are echoed as sent."""
 _WINDOWS_PATH = re.compile(r"\b[A-Za-z]:\\[^\s'\"<>|]+")
+_IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
 MAX_ERROR_REASON = 400
 """Characters of an error reason kept: one clear sentence, never a dump."""
 
 
+def _without_tracebacks(text: str) -> list[str]:
+    """Lines of ``text`` without traceback blocks (the header and its indented frame lines) or frame lines.
+
+    The exception line that ends a traceback (``ValueError: ...``) is not indented and is kept,
+    so a message wrapped in a traceback (Ray's) survives.
+    """
+    kept: list[str] = []
+    in_traceback = False
+    for line in text.splitlines():
+        if _TRACEBACK_HEAD in line:
+            before = line.split(_TRACEBACK_HEAD, 1)[0]
+            if before.strip():
+                kept.append(before)
+            in_traceback = True
+            continue
+        if in_traceback and (not line.strip() or line[:1].isspace()):
+            continue
+        in_traceback = False
+        if _FRAME.match(line):  # a frame outside a traceback block (Ray prints them first): skip its code line too
+            in_traceback = True
+            continue
+        kept.append(line)
+    return kept
+
+
 def redact_error_reason(reason: str, max_chars: int = MAX_ERROR_REASON) -> str:
-    """An error reason fit to leave a hospital: no traceback, no local paths, bounded length.
+    """An error reason fit to leave a hospital: no traceback, no local paths or IPs, bounded length.
 
     A ClientApp's exception text becomes the error reply's reason, which the server logs and
     writes to ``metrics.json``. Python tracebacks (and Ray's wrapped ones) show the site's file
     system and code; paths in a message (``/data/ham10000/images/ISIC_0024306.jpg``) name its
     layout. Both stay in the site's own log; what is sent keeps the exception type and the
-    message with every absolute path replaced by ``<path>``.
+    message with every absolute path replaced by ``<path>`` (IPv4 addresses by ``<ip>``).
 
     >>> redact_error_reason('site-2: SiteDataError: cannot read /data/ham/x.jpg (truncated)')
     'site-2: SiteDataError: cannot read <path> (truncated)'
-    >>> redact_error_reason('boom\\nTraceback (most recent call last):\\n  File "/srv/a.py", line 3, in f\\nValueError: x')
-    'boom'
+    >>> redact_error_reason('boom\\nTraceback (most recent call last):\\n  File "/srv/a.py", line 3, in f\\n    f()\\nValueError: x')
+    'boom ValueError: x'
     """
-    text = _TRACEBACK.sub("", str(reason))
-    text = _FRAME.sub("", text)
+    text = "\n".join(_without_tracebacks(str(reason)))
     text = _WINDOWS_PATH.sub("<path>", _POSIX_PATH.sub("<path>", text))
+    text = _IPV4.sub("<ip>", text)
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
     return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
