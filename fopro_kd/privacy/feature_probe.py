@@ -355,6 +355,9 @@ def cached_split_features(cfg: Config, out_dir: Path) -> dict[str, Any]:
     record: dict[str, Any] = {"splits": splits}
     if cache.exists():
         stored = torch.load(cache)
+        if list(stored.get("train_ids", [])) != [str(i) for i in splits.train.ids]:
+            raise ValueError(f"{cache} holds features of another split (different training image ids); delete it "
+                             "or use another --out")
         record.update(stored)
         record["extract_seconds"] = stored.get("extract_seconds")
         return record
@@ -368,6 +371,7 @@ def cached_split_features(cfg: Config, out_dir: Path) -> dict[str, Any]:
         "val": extract_features(student, splits.val, cfg.train.eval_batch_size, device, size),
         "test": extract_features(student, splits.test, cfg.train.eval_batch_size, device, size),
         "extract_seconds": extract_seconds,
+        "train_ids": [str(i) for i in splits.train.ids],
     }
     torch.save(stored, cache)
     record.update(stored)
