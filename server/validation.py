@@ -43,6 +43,11 @@ _POSIX_PATH = re.compile(r"(?<![\w.~<>-])~?(?:/[\w.@+%-]+){2,}/?")
 """An absolute (or ``~``) path of two or more components; relative names (``../../x``) are echoed as sent."""
 _WINDOWS_PATH = re.compile(r"\b[A-Za-z]:\\[^\s'\"<>|]+")
 _IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NOISE = re.compile(r"^\s*(?:\^+\s*|The above exception was the direct cause of the following exception:\s*|"
+                    r"During handling of the above exception, another exception occurred:\s*|"
+                    r"ray::\S+ \(pid=.*\)\s*)$")
+"""Lines that say nothing about the error: caret markers, chained-exception banners, Ray's actor header."""
 MAX_ERROR_REASON = 400
 """Characters of an error reason kept: one clear sentence, never a dump."""
 
@@ -65,6 +70,8 @@ def _without_tracebacks(text: str) -> list[str]:
         if in_traceback and (not line.strip() or line[:1].isspace()):
             continue
         in_traceback = False
+        if _NOISE.match(line):
+            continue
         if _FRAME.match(line):  # a frame outside a traceback block (Ray prints them first): skip its code line too
             in_traceback = True
             continue
@@ -86,11 +93,11 @@ def redact_error_reason(reason: str, max_chars: int = MAX_ERROR_REASON) -> str:
     >>> redact_error_reason('boom\\nTraceback (most recent call last):\\n  File "/srv/a.py", line 3, in f\\n    f()\\nValueError: x')
     'boom ValueError: x'
     """
-    text = "\n".join(_without_tracebacks(str(reason)))
+    text = "\n".join(_without_tracebacks(_ANSI.sub("", str(reason))))
     text = _WINDOWS_PATH.sub("<path>", _POSIX_PATH.sub("<path>", text))
     text = _IPV4.sub("<ip>", text)
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+    return text if len(text) <= max_chars else "..." + text[-(max_chars - 3):]  # the message ends a wrapped error
 
 
 def to_numpy_dict(arrays: ArrayRecord) -> dict[str, np.ndarray]:

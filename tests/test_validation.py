@@ -212,3 +212,22 @@ def test_redact_error_reason_drops_tracebacks_and_paths():
     assert "node 1002 (site-2): FileNotFoundError: <path>" in out
     assert len(redact_error_reason("x" * 5000)) == 400
     assert redact_error_reason(r"C:\Users\lab\weights.pth missing") == "<path> missing"
+
+
+def test_redact_error_reason_keeps_the_message_of_a_ray_wrapped_error():
+    """The reason Flower's simulation engine builds from a RayTaskError (captured from Ray 2.55): the site's
+    message comes last, after the actor header, banners and caret lines; it must survive redaction."""
+    from server.validation import redact_error_reason
+
+    ray_reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::A.run()\x1b[39m (pid=12699, "
+                  "ip=192.0.2.2, actor_id=2968171ea3528a6c8627c62401000000, repr=<__main__.A object at 0x7f31>)\n\n"
+                  "The above exception was the direct cause of the following exception:\n\n\x1b[36mray::A.run()"
+                  "\x1b[39m (pid=12699, ip=192.0.2.2, actor_id=2968171ea3528a6c8627c62401000000, repr=<__main__.A "
+                  "object at 0x7f31>)\n           ^^^^^^^^^^^^^^^^^^^^\n  File \"/srv/fopro/client_app.py\", line 10, "
+                  "in run\nflwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. "
+                  "Message: node 5443 (site-4): RuntimeError: injected crash at site-4 in round 1'>")
+    out = redact_error_reason(ray_reason)
+    assert out.endswith("node 5443 (site-4): RuntimeError: injected crash at site-4 in round 1'>")
+    assert "192.0.2.2" not in out and "/srv" not in out and "\x1b" not in out and "^^^" not in out
+    assert "The above exception" not in out
+    assert redact_error_reason("x" * 4000 + " the end").endswith("the end")
