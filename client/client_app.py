@@ -76,6 +76,7 @@ from client.state import (  # noqa: E402
 )
 from fopro_kd.compression import encode_for_transfer, restore_torch_dtypes  # noqa: E402
 from fopro_kd.config import Config  # noqa: E402
+from fopro_kd.federated_prompt import PROMPT_ARRAYS_KEY, PROMPT_EXPLORE_KEY  # noqa: E402
 from fopro_kd.prompt_objectives import objective_metric_key  # noqa: E402
 from fopro_kd.privacy.accounting import PrivacyBudgetExhausted, make_accountant  # noqa: E402
 from fopro_kd.privacy.ledger import (  # noqa: E402
@@ -331,6 +332,19 @@ def _remember_in_context(context: Context, state: ClientState, digest: str) -> N
 # --------------------------------------------------------------------------- handlers
 
 
+def _use_federated_prompt(msg: Message, config: ConfigRecord, cfg: Config, trainer: LocalTrainer) -> bool:
+    """``prompt.scope: federated``: load the server's prompt over the site's own and follow the server's
+    exploration flag (fopro_kd/federated_prompt.py); returns whether this round explores."""
+    if cfg.prompt.scope != "federated" or trainer.prompt is None:
+        return False
+    exploring = bool(int(config.get(PROMPT_EXPLORE_KEY, 0)))
+    trainer.explore_override = exploring
+    shared = msg.content.array_records.get(PROMPT_ARRAYS_KEY)
+    if shared is not None:
+        trainer.prompt.load_state_dict({k: v.float() for k, v in shared.to_torch_state_dict().items()})
+    return exploring
+
+
 def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path | None = None) -> Message:
     """Local FoPro-KD training on the received global student; reply with its weights and metrics."""
     _configure_threads(cfg)
@@ -365,6 +379,7 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
     trainer = LocalTrainer(cfg, student, teacher, prompt, data.class_counts(), device)
     if state.trainer is not None:
         trainer.load_state_dict(state.trainer)
+    exploring_shared_prompt = _use_federated_prompt(msg, config, cfg, trainer)
 
     dp = trainer.dp  # privacy.mode local: DP-SGD state; its accountant is the ledger's, never the state's
     fedmas = cfg.federation.strategy == "fedmas"
@@ -453,6 +468,8 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
         "arrays": ArrayRecord(encode_for_transfer(_cpu_state(student), cfg.federation.transfer_dtype)),
         "metrics": metrics,
     })
+    if exploring_shared_prompt and prompt is not None:  # prompt.scope federated: the server averages it
+        content[PROMPT_ARRAYS_KEY] = ArrayRecord(_cpu_state(prompt))
     if dp is not None:
         _free_dp_buffers(trainer)
     return Message(content=content, reply_to=msg)

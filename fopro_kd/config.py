@@ -154,8 +154,10 @@ class PromptConfig:
     gamma: float = 0.1
     """γ of R = γ·Σ_c Σ_k w_k (M_c(k) − 1)², w normalised over the band: a uniform deviation δ costs γ·C·δ²
     whatever the image size (docs/method-notes.md, FPG)."""
-    scope: Literal["local"] = "local"
-    """The prompt is trained on private data and never leaves the hospital (no ``federated`` scope: see docs/privacy.md)."""
+    scope: Literal["local", "federated"] = "local"
+    """``local``: the prompt is trained on the site's data and never leaves it. ``federated`` (with
+    ``schedule: two_stage``): the server averages the sites' prompts during exploration, then every site
+    freezes the same prompt (fopro_kd/federated_prompt.py; what leaves a hospital: docs/privacy.md)."""
     generator_hidden: int = 16
     radial_bands: int = 8
     """``param: radial``: number K >= 2 of equal radial rings on [0, band·Nyquist] (at most the number of
@@ -497,7 +499,7 @@ def _check_teacher_schedule(cfg: Config, source: str) -> None:
         if cfg.train.method != "fopro-kd":
             raise ConfigError(f"{source}: 'prompt.schedule' two_stage needs train.method 'fopro-kd', got "
                               f"{cfg.train.method!r}")
-        if cfg.prompt.explore_epochs >= cfg.train.epochs:
+        if cfg.prompt.scope == "local" and cfg.prompt.explore_epochs >= cfg.train.epochs:
             raise ConfigError(
                 f"{source}: 'prompt.explore_epochs' ({cfg.prompt.explore_epochs}) must be < 'train.epochs' "
                 f"({cfg.train.epochs}): two_stage needs at least one distillation epoch after exploration")

@@ -43,6 +43,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from client.data import RUN_CONFIG_OUT_DIR_KEY, cached_splits, config_from_run_config  # noqa: E402
 from client.state import STATE_KEY  # noqa: E402
+from fopro_kd.federated_prompt import check_federated_prompt, explore_rounds  # noqa: E402
 from fopro_kd.checkpoint import save_checkpoint  # noqa: E402
 from fopro_kd.config import Config, ConfigError  # noqa: E402
 from fopro_kd.data.dataset import DatasetSplits  # noqa: E402
@@ -126,6 +127,7 @@ def check_federation_config(cfg: Config) -> None:
         )
     if fed.local_steps is not None and fed.local_steps <= 0:
         raise ConfigError(f"'federation.local_steps' must be > 0 or null, got {fed.local_steps}")
+    check_federated_prompt(cfg, cfg.teacher.input_size)
     if cfg.privacy.mode == "central":  # DP-FedAvg with public uniform weights (docs/privacy.md §3)
         if issubclass(strategy_cls, RobustAggregate):
             raise ConfigError(
@@ -569,6 +571,8 @@ def run_federation(
         evaluate_metrics_aggr_fn=aggregate_metrics, min_valid_replies=fed.min_valid_replies,
         max_update_norm=fed.max_update_norm, transfer_dtype=fed.transfer_dtype))
     evaluator = ServerEvaluator(cfg, splits, run, recorder, parallel_slots)
+    if cfg.prompt.scope == "federated":  # one prompt for every site: averaged while exploring, then frozen
+        strategy.enable_federated_prompt(explore_rounds(cfg))
     if cfg.privacy.mode == "central":  # Poisson sampling, DP-FedAvg with a fixed denominator (docs/privacy.md §3)
         strategy.central_dp = evaluator.central_dp = CentralDP.from_config(cfg)
         strategy.central_dp.public_keys = evaluator.student.frozen_state_keys()

@@ -21,6 +21,11 @@ Which configurations may cache is decided by :func:`fopro_kd.config.feature_cach
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -30,7 +35,7 @@ from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.prompt import FourierPrompt
 from fopro_kd.training.teacher_view import teacher_targets
 
-__all__ = ["TeacherFeatureCache", "VIEW_COUNTS", "apply_flip_view", "cache_bytes"]
+__all__ = ["TeacherFeatureCache", "VIEW_COUNTS", "apply_flip_view", "cache_bytes", "cached_features", "clear_feature_caches"]
 
 VIEW_COUNTS = {"clean": 1, "flips": 4}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -46,6 +51,19 @@ def apply_flip_view(x: Tensor, views: Tensor) -> Tensor:
 def cache_bytes(num_images: int, num_views: int, feature_dim: int, dtype: str) -> int:
     """Bytes the cache will hold (what ``train.max_cache_gb`` bounds)."""
     return num_images * num_views * feature_dim * torch.empty(0, dtype=_DTYPES[dtype]).element_size()
+
+
+def check_cache_size(num_images: int, view_set: str, feature_dim: int, dtype: str, max_gb: float) -> int:
+    """The cache's size in bytes; ``ValueError`` (before any teacher forward) above ``max_gb``."""
+    num_views = VIEW_COUNTS[view_set]
+    nbytes = cache_bytes(num_images, num_views, feature_dim, dtype)
+    if nbytes > max_gb * 1e9:
+        raise ValueError(
+            f"the teacher feature cache would hold {nbytes / 1e9:.2f} GB ({num_images} images x {num_views} views x "
+            f"{feature_dim} features, {dtype}), above train.max_cache_gb = {max_gb}; raise train.max_cache_gb, set "
+            "train.cache_dtype: float16 or augment.teacher_view: clean"
+        )
+    return nbytes
 
 
 class TeacherFeatureCache:
@@ -78,13 +96,7 @@ class TeacherFeatureCache:
         self.num_views = VIEW_COUNTS[view_set]
         self.num_images = len(data)
         self.view_set = view_set
-        self.nbytes = cache_bytes(self.num_images, self.num_views, teacher.feature_dim, dtype)
-        if self.nbytes > max_gb * 1e9:
-            raise ValueError(
-                f"the teacher feature cache would hold {self.nbytes / 1e9:.2f} GB ({self.num_images} images x "
-                f"{self.num_views} views x {teacher.feature_dim} features, {dtype}), above train.max_cache_gb = "
-                f"{max_gb}; raise train.max_cache_gb, set train.cache_dtype: float16 or augment.teacher_view: clean"
-            )
+        self.nbytes = check_cache_size(self.num_images, view_set, teacher.feature_dim, dtype, max_gb)
         features = torch.zeros(self.num_views, self.num_images, teacher.feature_dim, dtype=_DTYPES[dtype])
         for start in range(0, self.num_images, batch_size):
             x = to_float_on(data.images[start : start + batch_size], device)
@@ -100,3 +112,42 @@ class TeacherFeatureCache:
         if views is None or self.num_views == 1:
             return self.features[0].index_select(0, indices).float()
         return self.features[views.cpu().long(), indices].float()
+
+
+# Process-level memo: a federated site builds a new trainer every round, but while its prompt,
+# teacher and data are unchanged its cache is the same tensor. A simulation actor serves several
+# sites (and a SuperNode process one): keep the most recent caches up to a byte bound.
+_MEMO: OrderedDict[str, TeacherFeatureCache] = OrderedDict()
+_MEMO_LOCK = threading.Lock()
+
+
+def cache_key(teacher_key: tuple, prompt: FourierPrompt | None, data: ImageSet, *settings: object) -> str:
+    """Digest of everything a cached target depends on: teacher, prompt parameters, images, settings."""
+    digest = hashlib.sha256(repr((teacher_key, settings, len(data), tuple(data.images.shape))).encode())
+    digest.update("\n".join(data.ids).encode())
+    digest.update(data.images[:, :, ::7, ::7].contiguous().numpy().tobytes())  # a strided sample of the pixels
+    if prompt is not None:
+        for name, value in sorted(prompt.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_features(key: str, build: Callable[[], TeacherFeatureCache], max_bytes: float) -> TeacherFeatureCache:
+    """The memoised cache for ``key``, built with ``build`` on a miss; least recent entries leave first."""
+    with _MEMO_LOCK:
+        hit = _MEMO.get(key)
+        if hit is not None:
+            _MEMO.move_to_end(key)
+            return hit
+    cache = build()
+    with _MEMO_LOCK:
+        _MEMO[key] = cache
+        while len(_MEMO) > 1 and sum(c.nbytes for c in _MEMO.values()) > max_bytes:
+            _MEMO.popitem(last=False)
+    return cache
+
+
+def clear_feature_caches() -> None:
+    with _MEMO_LOCK:
+        _MEMO.clear()

@@ -26,7 +26,13 @@ from fopro_kd.models.student import EKDStudent
 from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.prompt import FourierPrompt, prompt_input
 from fopro_kd.prompt_objectives import ObjectiveContext, build_prompt_objective
-from fopro_kd.training.feature_cache import TeacherFeatureCache, apply_flip_view
+from fopro_kd.training.feature_cache import (
+    TeacherFeatureCache,
+    apply_flip_view,
+    cache_key,
+    cached_features,
+    check_cache_size,
+)
 from fopro_kd.training.teacher_view import teacher_features, teacher_targets
 
 
@@ -118,6 +124,8 @@ class LocalTrainer:
         self.objective_excluded: Tensor | None = None
         self.feature_cache: TeacherFeatureCache | None = None
         self.two_stage = self.prompt is not None and cfg.prompt.schedule == "two_stage"
+        self.explore_override: bool | None = None
+        """Set by a federated-prompt client: the server says whether this round explores (federated_prompt.py)."""
         self.epochs_done = 0
         self.dp = None  # privacy.mode local: DP-SGD state (fopro_kd/privacy/local_dp.py, docs/privacy.md)
         if cfg.privacy.mode == "local":
@@ -160,6 +168,8 @@ class LocalTrainer:
     @property
     def exploring(self) -> bool:
         """``prompt.schedule: two_stage`` and still in its exploration stage (the prompt trains online)."""
+        if self.explore_override is not None:
+            return self.two_stage and self.explore_override
         return self.two_stage and self.epochs_done < self.cfg.prompt.explore_epochs
 
     def enable_feature_cache(self, data: ImageSet) -> None:
@@ -175,11 +185,16 @@ class LocalTrainer:
             self.prompt.requires_grad_(False)
             self.prompt.eval()
         view_set = "clean" if not self.cfg.augment.enabled or self.cfg.augment.teacher_view == "clean" else "flips"
-        self.feature_cache = TeacherFeatureCache(
+        check_cache_size(len(data), view_set, self.teacher.feature_dim, self.cfg.train.cache_dtype,
+                         self.cfg.train.max_cache_gb)  # also on a memo hit: the bound is this run's
+        t = self.cfg.teacher
+        key = cache_key((t.arch, t.source, t.file, t.input_size, t.mean, t.std), self.prompt, data,
+                        view_set, self.cfg.prompt.domain, self.cfg.train.cache_dtype, str(self.device))
+        self.feature_cache = cached_features(key, lambda: TeacherFeatureCache(
             self.teacher, data, self.cfg.train.eval_batch_size, self.device, prompt=self.prompt,
             domain=self.cfg.prompt.domain, view_set=view_set, dtype=self.cfg.train.cache_dtype,
             max_gb=self.cfg.train.max_cache_gb,
-        )
+        ), max_bytes=self.cfg.train.max_cache_gb * 1e9)
 
     def train(
         self,

@@ -53,6 +53,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fopro_kd.compression import SUPPORTED_DTYPES, encode_for_transfer, restore_numpy_dtypes
 from fopro_kd.config import ConfigError
+from fopro_kd.federated_prompt import PROMPT_ARRAYS_KEY, PROMPT_EXPLORE_KEY, average_prompts, prompt_problem
 from server.validation import NUM_EXAMPLES_KEY, reason_check, to_numpy_dict, validate_arrays, validate_metrics
 
 __all__ = ["ValidatedWeightedAvg", "weighted_mean_metrics"]
@@ -161,6 +162,8 @@ class ValidatedWeightedAvg(FedAvg):
         self.last_rejections: list[dict[str, Any]] = []
         self._reference: ArrayRecord | None = None
         self._central_dp: Any = None
+        self.prompt_explore_rounds: int | None = None  # prompt.scope federated: see enable_federated_prompt
+        self.global_prompt: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ central DP
 
@@ -219,9 +222,47 @@ class ValidatedWeightedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Remember the global arrays sent this round, then configure as FedAvg (central DP: Poisson sampling)."""
         self.set_reference(arrays)
+        if self.prompt_explore_rounds is not None:
+            config[PROMPT_EXPLORE_KEY] = int(server_round <= self.prompt_explore_rounds)
         if self.central_dp is not None:
             return self._configure_train_poisson(server_round, self.encode_global(arrays), config, grid)
-        return list(super().configure_train(server_round, self.encode_global(arrays), config, grid))
+        messages = list(super().configure_train(server_round, self.encode_global(arrays), config, grid))
+        if self.global_prompt is not None:
+            for msg in messages:
+                msg.content[PROMPT_ARRAYS_KEY] = ArrayRecord(
+                    {k: Array(np.array(v, order="C")) for k, v in self.global_prompt.items()})
+        return messages
+
+    # ------------------------------------------------------------------ federated prompt
+    def enable_federated_prompt(self, explore_rounds: int) -> None:
+        """``prompt.scope: federated``: rounds 1..``explore_rounds`` explore; the sites' prompts are averaged."""
+        self.prompt_explore_rounds = int(explore_rounds)
+
+    def aggregate_prompts(self, server_round: int, valid: list[Message], alpha: np.ndarray) -> None:
+        """Average the prompts of the valid replies with the students' weights (fopro_kd/federated_prompt.py).
+
+        A reply whose prompt cannot be averaged (keys, shapes, non-finite values) is left out of
+        the prompt average only (its student was validated separately); no prompt at all keeps
+        the previous global prompt.
+        """
+        if self.prompt_explore_rounds is None:
+            return
+        prompts, weights = [], []
+        for msg, a in zip(valid, alpha):
+            record = msg.content.array_records.get(PROMPT_ARRAYS_KEY)
+            if record is None:
+                continue
+            values = to_numpy_dict(record)
+            problem = prompt_problem(values, self.global_prompt or (prompts[0] if prompts else None))
+            if problem is not None:
+                log(WARNING, "Round %s: prompt of node %s left out of the prompt average: %s", server_round,
+                    _node_id(msg), problem)
+                continue
+            prompts.append(values)
+            weights.append(float(a))
+        if prompts and sum(weights) > 0:
+            self.global_prompt = average_prompts(prompts, weights)
+            log(INFO, "Round %s: averaged the prompts of %d site(s)", server_round, len(prompts))
 
     def _configure_train_poisson(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -366,6 +407,7 @@ class ValidatedWeightedAvg(FedAvg):
         alpha = weights[~np.isnan(weights)]
         alpha = alpha / alpha.sum()
         self.last_weights = {_node_id(msg): float(a) for (msg, _), a in zip(valid, alpha)}
+        self.aggregate_prompts(server_round, [msg for msg, _ in valid], alpha)
 
         # 5. dtype-preserving average, decoding the validated replies a second time, one at a time
         decoded = (self._decode(self._records(msg.content)[0], reference_np) for msg, _ in valid)
