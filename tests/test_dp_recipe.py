@@ -180,3 +180,24 @@ def test_dp_probe_with_the_recipe_learns_an_easy_long_tailed_task() -> None:
                         ["a", "b", "c", "d"], np.bincount(labels.numpy()))
     assert m["balanced_accuracy"] > 0.7
     assert min(m["per_class_recall"].values()) > 0.3
+
+
+def test_dp_prototypes_have_sensitivity_one_and_learn_an_easy_task() -> None:
+    """The released class sums move by at most 1 (Frobenius) when one example is removed; ε 3 learns blobs."""
+    from fopro_kd.privacy.feature_probe import dp_class_prototypes
+
+    feats, labels = blobs([900, 400, 150, 80], seed=0)
+    feats = normalise_features(feats, "l2")
+    sums = torch.zeros(4, feats.shape[1]).index_add_(0, labels, feats)
+    for drop in (0, 1000, 1500):
+        keep = torch.arange(len(labels)) != drop
+        other = torch.zeros(4, feats.shape[1]).index_add_(0, labels[keep], feats[keep])
+        assert float((sums - other).norm()) <= 1.0 + 1e-5
+    protos, sigma, eps = dp_class_prototypes(feats, labels, 4, 3.0, 1e-5, torch.Generator().manual_seed(0))
+    assert eps <= 3.0 + 1e-6 and sigma > 1.0
+    test_f, test_y = blobs([100, 100, 100, 100], seed=1)
+    m = compute_metrics(test_y.numpy(), head_probabilities(10 * protos, torch.zeros(4), normalise_features(test_f, "l2")),
+                        ["a", "b", "c", "d"], np.bincount(labels.numpy()))
+    assert m["balanced_accuracy"] > 0.7
+    with pytest.raises(ValueError, match="unit-norm"):
+        dp_class_prototypes(3 * feats, labels, 4, 3.0, 1e-5, torch.Generator().manual_seed(0))
