@@ -411,7 +411,7 @@ def cached_split_features(cfg: Config, out_dir: Path) -> dict[str, Any]:
     size = cfg.student.input_size or cfg.data.image_size
     record: dict[str, Any] = {"splits": splits}
     if cache.exists():
-        stored = torch.load(cache)
+        stored = torch.load(cache, weights_only=True)
         if list(stored.get("train_ids", [])) != [str(i) for i in splits.train.ids]:
             raise ValueError(f"{cache} holds features of another split (different training image ids); delete it "
                              "or use another --out")
