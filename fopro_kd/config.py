@@ -98,11 +98,13 @@ class AugmentConfig:
     color_jitter: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.01)
     hflip: bool = True
     vflip: bool = True
-    teacher_view: Literal["augmented", "flips", "clean"] = "augmented"
+    teacher_view: Literal["augmented", "flips", "clean", "student"] = "augmented"
     """What the teacher sees of each training image: ``augmented``, the student's augmented view
     (before the student's resize); ``flips``, the clean image with the student's flips only (one of
     four views, so its features can be cached: exact when flips are the only augmentation);
-    ``clean``, the un-augmented image (one view)."""
+    ``clean``, the un-augmented image (one view); ``student``, exactly the student's input (its augmented
+    view at ``student.input_size``), which the teacher resizes to its own input size: the teacher sees no
+    detail the student cannot see (cacheable when flips are the only augmentation)."""
 
 
 @dataclass
@@ -488,7 +490,17 @@ def feature_cache_problem(cfg: Config) -> str | None:
                 "'joint'); set prompt.schedule: two_stage")
     if cfg.augment.enabled and cfg.augment.teacher_view == "augmented":
         return "the teacher sees augmented images; set augment.teacher_view: flips (or clean)"
+    if cfg.augment.enabled and cfg.augment.teacher_view == "student" and not augment_is_flips_only(cfg.augment):
+        return ("augment.teacher_view 'student' shows the teacher the student's augmented view, which is a finite "
+                "set of views only when flips are the only augmentation (affine_scale [1, 1], affine_translate 0, "
+                "rotation_degrees 0, color_jitter zeros)")
     return None
+
+
+def augment_is_flips_only(augment: AugmentConfig) -> bool:
+    """True when the augmentation can only flip (every other op is the identity)."""
+    return (tuple(augment.affine_scale) == (1.0, 1.0) and augment.affine_translate == 0
+            and augment.rotation_degrees == 0 and not any(augment.color_jitter))
 
 
 def _check_teacher_schedule(cfg: Config, source: str) -> None:

@@ -165,3 +165,28 @@ def test_single_site_two_stage_run_records_the_prompt_diagnostics(tmp_path) -> N
         assert low <= 1.0 <= high and dev > 0 and float(row["teacher_shift"]) > 0
     # frozen after exploration: the second epoch reports the same mask
     assert rows[0]["prompt_mask_dev"] == rows[1]["prompt_mask_dev"]
+
+
+def test_student_view_cache_matches_the_online_student_view(data, teacher) -> None:
+    """teacher_view 'student': the teacher sees the student's (flipped, downsized) input; cached = online."""
+    from fopro_kd.data.transforms import resize_batch
+
+    cfg = cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 0}, akd={"mode": "off"},
+                 augment={"teacher_view": "student"}, student={"input_size": 16})
+    prompt = structured_prompt(cfg)
+    trainer = make_trainer(cfg, data, teacher, prompt)
+    trainer.enable_feature_cache(data)
+    x = to_float(data.images[:8])
+    student_in, teacher_in, views = trainer._views(data.images[:8])
+    assert teacher_in.shape[-1] == 16
+    online = teacher_targets(teacher, teacher_in, prompt, "raw")
+    cached = trainer.feature_cache.lookup(torch.arange(8), views)
+    assert (cached - online).abs().max().item() < 1e-4
+    # and it is not the full-resolution view's target
+    full = teacher_targets(teacher, apply_flip_view(x, views), prompt, "raw")
+    assert (cached - full).abs().max().item() > 1e-3
+    assert torch.equal(teacher_in, resize_batch(apply_flip_view(x, views), 16)) or \
+        (teacher_in - resize_batch(apply_flip_view(x, views), 16)).abs().max() < 1e-5
+    with pytest.raises(ConfigError, match="flips are the only augmentation"):
+        cfg_of(train={"method": "ekd", "cache_teacher_features": True},
+               augment={"teacher_view": "student", "rotation_degrees": 10.0})

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fopro_kd.data.dataset import ImageSet
-from fopro_kd.data.transforms import to_float_on
+from fopro_kd.data.transforms import resize_batch, to_float_on
 from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.prompt import FourierPrompt
 from fopro_kd.training.teacher_view import teacher_targets
@@ -77,6 +77,8 @@ class TeacherFeatureCache:
     view_set : ``clean`` or ``flips`` (see the module docstring).
     dtype : ``float32`` or ``float16`` storage.
     max_gb : refuse (``ValueError``, before any teacher forward) a cache larger than this.
+    pre_size : ``augment.teacher_view: student``: each view is first resized to the student's input size
+        (after the flip, as the student's view is made), then by the teacher to its own.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class TeacherFeatureCache:
         view_set: str = "clean",
         dtype: str = "float32",
         max_gb: float = 4.0,
+        pre_size: int | None = None,
     ) -> None:
         if view_set not in VIEW_COUNTS:
             raise ValueError(f"teacher feature cache: view set must be one of {sorted(VIEW_COUNTS)}, got {view_set!r}")
@@ -102,6 +105,8 @@ class TeacherFeatureCache:
             x = to_float_on(data.images[start : start + batch_size], device)
             for view in range(self.num_views):
                 xv = apply_flip_view(x, torch.full((x.shape[0],), view)) if view else x
+                if pre_size is not None:  # teacher_view 'student': the student's resolution, flipped first as online
+                    xv = resize_batch(xv, pre_size)
                 feats = teacher_targets(teacher, xv, prompt, domain).float().cpu()
                 features[view, start : start + x.shape[0]] = feats.to(features.dtype)
         self.features: Tensor = features

@@ -185,15 +185,16 @@ class LocalTrainer:
             self.prompt.requires_grad_(False)
             self.prompt.eval()
         view_set = "clean" if not self.cfg.augment.enabled or self.cfg.augment.teacher_view == "clean" else "flips"
+        pre_size = self.student_size if self.cfg.augment.teacher_view == "student" else None
         check_cache_size(len(data), view_set, self.teacher.feature_dim, self.cfg.train.cache_dtype,
                          self.cfg.train.max_cache_gb)  # also on a memo hit: the bound is this run's
         t = self.cfg.teacher
         key = cache_key((t.arch, t.source, t.file, t.input_size, t.mean, t.std), self.prompt, data,
-                        view_set, self.cfg.prompt.domain, self.cfg.train.cache_dtype, str(self.device))
+                        view_set, self.cfg.prompt.domain, self.cfg.train.cache_dtype, str(self.device), pre_size)
         self.feature_cache = cached_features(key, lambda: TeacherFeatureCache(
             self.teacher, data, self.cfg.train.eval_batch_size, self.device, prompt=self.prompt,
             domain=self.cfg.prompt.domain, view_set=view_set, dtype=self.cfg.train.cache_dtype,
-            max_gb=self.cfg.train.max_cache_gb,
+            max_gb=self.cfg.train.max_cache_gb, pre_size=pre_size,
         ), max_bytes=self.cfg.train.max_cache_gb * 1e9)
 
     def train(
@@ -285,6 +286,8 @@ class LocalTrainer:
             teacher_in = x_aug
         elif teacher_view == "flips":
             teacher_in = apply_flip_view(x, views)
+        elif teacher_view == "student":
+            teacher_in = resize_batch(x_aug, self.student_size)  # the teacher resizes it up to its own size
         else:
             teacher_in = x
             views = torch.zeros_like(views)
