@@ -809,9 +809,29 @@ def config_from_dict(values: dict[str, Any], source: str = "<config>") -> Config
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(values).__name__}")
-    cfg = _build(Config, values, "", source)
+    cfg = _build(Config, _migrate_legacy_keys(values, source), "", source)
     _check_ranges(cfg, source)
     return cfg
+
+
+def _migrate_legacy_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Read the config.yaml of runs made before a key was renamed (their checkpoints stay evaluable).
+
+    ``augment.teacher_sees_augmented`` (bool) became ``augment.teacher_view``: true -> ``augmented``,
+    false -> ``clean``. Giving both is an error.
+    """
+    augment = values.get("augment")
+    if not isinstance(augment, dict) or "teacher_sees_augmented" not in augment:
+        return values
+    if "teacher_view" in augment:
+        raise ConfigError(f"{source}: 'augment.teacher_sees_augmented' is the old name of 'augment.teacher_view'; "
+                          "give only 'augment.teacher_view'")
+    old = augment["teacher_sees_augmented"]
+    if not isinstance(old, bool):
+        raise ConfigError(f"{source}: 'augment.teacher_sees_augmented' must be true or false, got {old!r}")
+    values = {**values, "augment": {k: v for k, v in augment.items() if k != "teacher_sees_augmented"}}
+    values["augment"]["teacher_view"] = "augmented" if old else "clean"
+    return values
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

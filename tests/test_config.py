@@ -126,3 +126,10 @@ def test_bare_off_in_yaml_means_the_choice_off(tmp_path) -> None:
     assert cfg.akd.mode == "off" and cfg.privacy.mode == "off"
     with pytest.raises(ConfigError, match="prompt.param"):
         load_config(path, ["prompt.param=off"])
+
+
+def test_old_teacher_sees_augmented_key_is_read_as_teacher_view() -> None:
+    assert config_from_dict({"augment": {"teacher_sees_augmented": False}}).augment.teacher_view == "clean"
+    assert config_from_dict({"augment": {"teacher_sees_augmented": True}}).augment.teacher_view == "augmented"
+    with pytest.raises(ConfigError, match="old name"):
+        config_from_dict({"augment": {"teacher_sees_augmented": True, "teacher_view": "flips"}})
