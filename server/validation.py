@@ -97,7 +97,11 @@ def redact_error_reason(reason: str, max_chars: int = MAX_ERROR_REASON) -> str:
     text = _WINDOWS_PATH.sub("<path>", _POSIX_PATH.sub("<path>", text))
     text = _IPV4.sub("<ip>", text)
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    return text if len(text) <= max_chars else "..." + text[-(max_chars - 3):]  # the message ends a wrapped error
+    if len(text) <= max_chars:
+        return text
+    # keep the head (who failed: "node 7 (site-2): ...") and the tail (a wrapped error ends with the cause)
+    head = max_chars // 3
+    return text[:head] + " ... " + text[-(max_chars - head - 5):]
 
 
 def to_numpy_dict(arrays: ArrayRecord) -> dict[str, np.ndarray]:
