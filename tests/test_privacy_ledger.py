@@ -239,7 +239,9 @@ def test_corrupted_ledger_is_a_refusal_and_a_fresh_start_must_be_asked_for(cfg, 
     path = PrivacyLedgerStore(tmp_path, 0).path
     path.write_text(path.read_text()[:-40])
     text = refusal(app, arrays, 3, site_context())
-    assert path.name in text and "unreadable" in text and FRESH_START_KEY in text
+    # the reply says what and how to fix it; the local path stays on the site (error replies are redacted)
+    assert "privacy ledger" in text and "unreadable" in text and FRESH_START_KEY in text
+    assert str(path.parent) not in text
     assert trained_rounds(tmp_path) == 2, "the refused round trained nothing"
     fresh = train(app, arrays, 3, site_context(**{FRESH_START_KEY: "true"}))  # the hospital's own, explicit choice
     assert not fresh.has_error() and "arrays" in fresh.content.array_records
