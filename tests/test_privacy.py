@@ -297,7 +297,7 @@ def test_statistics_are_noised_and_accounted_or_withheld(data, teacher) -> None:
     assert counts is not None and not np.allclose(counts, raw)
     assert trainer.dp.shared_class_counts() == counts  # released once, reused (no extra cost)
     n_events = sum(e[2] for e in trainer.dp.accountant.history)
-    from fopro_kd.training.trainer import class_rep_prior
+    from fopro_kd.training.results import class_rep_prior
 
     exact = class_rep_prior(trainer.student, teacher, None, data, cfg, torch.device("cpu"))
     means, _ = trainer.dp.private_class_rep_prior(data)

@@ -13,7 +13,8 @@ from fopro_kd.data import make_synthetic_imageset
 from fopro_kd.models.student import build_student
 from fopro_kd.models.teacher import build_teacher
 from fopro_kd.prompt import build_prompt
-from fopro_kd.training.trainer import LocalTrainer, class_rep_prior, predict
+from fopro_kd.training.results import class_rep_prior
+from fopro_kd.training.trainer import LocalTrainer, predict
 
 SIZE = 32
 

@@ -23,6 +23,12 @@ The trainer keeps its one training loop; in DP mode it asks a :class:`DPContext`
 
 The frozen teacher is never wrapped: it stays a separate module in eval mode, called under
 ``no_grad`` for the student's targets.
+
+The trainer hands this module the parts it needs (:class:`DPParts`) and never itself, so the
+two do not import each other. What DP decides for the trainer comes back as plain answers the
+trainer applies to its own fields: :attr:`DPContext.akd_mode` (``off`` with a frozen prompt: drop
+the prompt optimizer and the probe) and :attr:`DPContext.loss_class_counts` (the released counts
+its class-prior losses must be rebuilt from, after each :meth:`DPContext.batch_loader`).
 """
 
 from __future__ import annotations
@@ -32,13 +38,16 @@ import math
 import secrets
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fopro_kd.losses import EKDLoss, build_classification_loss, representation_loss
+from fopro_kd.config import Config
+from fopro_kd.data.dataset import ImageSet
+from fopro_kd.losses import representation_loss
 from fopro_kd.privacy.accounting import (
     PrivacyBudgetExhausted,
     budget_reason,
@@ -52,16 +61,12 @@ from fopro_kd.privacy.sampling import PoissonBatchLoader
 from fopro_kd.privacy.statistics import REP_LOSS_BOUND, class_means_from_release, privatize_statistics, statistics_policy
 from fopro_kd.privacy.surgery import private_compatibility_problems
 from fopro_kd.prompt import prompt_input
+from fopro_kd.training.results import EpochResult, class_rep_prior
 from fopro_kd.training.teacher_view import teacher_features
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fopro_kd.config import Config
-    from fopro_kd.data.dataset import ImageSet
-    from fopro_kd.training.trainer import EpochResult, LocalTrainer
 
 logger = logging.getLogger("fopro_kd.privacy")
 
-__all__ = ["DP_STATE_FORMAT", "DPContext", "check_recipe", "planned_statistics_events", "planned_steps_per_round",
+__all__ = ["DP_STATE_FORMAT", "DPContext", "DPParts", "check_recipe", "planned_statistics_events", "planned_steps_per_round",
            "recipe_lr"]
 
 DP_STATE_FORMAT = "fopro-kd-dp-state/1"
@@ -163,10 +168,46 @@ class _PromptObjective(nn.Module):
         return objective, (feats.detach(), stat.detach(), reg.detach())
 
 
-class DPContext:
-    """DP-SGD state of one :class:`LocalTrainer`: accountant, secret generators, DP optimizers.
+@dataclass
+class DPParts:
+    """What DP-SGD needs from a :class:`~fopro_kd.training.trainer.LocalTrainer`, given explicitly.
 
-    Created by the trainer when ``cfg.privacy.mode == "local"``. Its :meth:`state_dict` (also
+    The modules and optimizers are the trainer's own objects (DP wraps the optimizers, hooks the
+    student and may freeze and reset the prompt); the DP code keeps no reference to the trainer.
+
+    Attributes
+    ----------
+    cfg : the run configuration.
+    student : the (GroupNorm) student being trained.
+    device : where it trains.
+    optimizer : the student's optimizer (wrapped by Opacus' ``DPOptimizer``; its lr is set by
+        ``privacy.lr_rule``).
+    class_counts : the site's raw class counts (released once, never used raw).
+    loss_name : the classification loss in use (``ce`` for ``train.method: ce``).
+    teacher, prompt, probe, prompt_optimizer : the frozen teacher, the Fourier prompt, the
+        discriminative probe and the prompt's optimizer, or None.
+    akd_mode : the trainer's AKD mode before DP (``off`` without a prompt).
+    log_prior : the probe's log class prior, or None.
+    """
+
+    cfg: Config
+    student: nn.Module
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    class_counts: np.ndarray
+    loss_name: str
+    teacher: nn.Module | None = None
+    prompt: nn.Module | None = None
+    probe: nn.Module | None = None
+    prompt_optimizer: torch.optim.Optimizer | None = None
+    akd_mode: str = "off"
+    log_prior: Tensor | None = None
+
+
+class DPContext:
+    """DP-SGD state of one local trainer: accountant, secret generators, DP optimizers.
+
+    Created by the trainer from its :class:`DPParts` when ``cfg.privacy.mode == "local"``. Its :meth:`state_dict` (also
     available as :meth:`accountant_state`) is plain JSON and is part of ``trainer.state_dict()``
     under ``"privacy"``; restoring it makes ε compose over rounds. In the federation the client
     then loads the history from the append-only privacy ledger over it
@@ -174,19 +215,25 @@ class DPContext:
     never is.
     """
 
-    def __init__(self, trainer: LocalTrainer) -> None:
-        cfg = trainer.cfg
+    def __init__(self, parts: DPParts) -> None:
+        cfg = parts.cfg
         p = cfg.privacy
         if p.mode != "local":
             raise ValueError(f"DPContext is for privacy.mode 'local', got {p.mode!r}")
-        problems = private_compatibility_problems(trainer.student)
+        problems = private_compatibility_problems(parts.student)
         if problems:
             raise ValueError(
                 "privacy.mode 'local' needs the DP student (GroupNorm, no in-place ops): build it with "
-                "fopro_kd.privacy.build_dp_student or training.components.build_models; problems: " + "; ".join(problems[:5])
+                "fopro_kd.training.components.build_dp_student or build_models; problems: " + "; ".join(problems[:5])
             )
-        self.trainer = trainer
         self.cfg = cfg
+        self.student = parts.student
+        self.device = parts.device
+        self.teacher = parts.teacher
+        self.prompt = parts.prompt
+        self.class_counts = np.asarray(parts.class_counts)
+        self.num_classes = len(self.class_counts)
+        self.loss_name = parts.loss_name
         self.delta = float(p.delta)
         self.target_epsilon = None if p.target_epsilon is None else float(p.target_epsilon)
         self.max_grad_norm = float(p.max_grad_norm)
@@ -198,50 +245,58 @@ class DPContext:
             seed = int(p.noise_seed)
             logger.warning("privacy.noise_seed is set: DP noise and sampling are reproducible, the guarantee is void")
         self.sample_generator = torch.Generator().manual_seed(seed)
-        self.noise_generator = torch.Generator(device=trainer.device).manual_seed(seed + 1)
+        self.noise_generator = torch.Generator(device=parts.device).manual_seed(seed + 1)
         self.stats_generator = np.random.default_rng(seed + 2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from opacus import GradSampleModule
 
-            self.grad_sample_module = GradSampleModule(trainer.student, batch_first=True, loss_reduction="mean", strict=True)
+            self.grad_sample_module = GradSampleModule(parts.student, batch_first=True, loss_reduction="mean", strict=True)
         if cfg.train.grad_clip > 0:
             logger.info("privacy.mode local: per-sample clipping at %.3g replaces train.grad_clip", self.max_grad_norm)
 
         self.prompt_dp = False
-        if trainer.prompt is not None:
-            if p.prompt == "dp" and trainer.akd_mode != "off":
+        self.akd_mode = parts.akd_mode
+        """The AKD mode training runs with: ``off`` when ``privacy.prompt: frozen`` (the trainer then
+        drops its prompt optimizer and probe)."""
+        self.probe = parts.probe
+        self._prompt_optimizer = parts.prompt_optimizer
+        if parts.prompt is not None:
+            if p.prompt == "dp" and parts.akd_mode != "off":
                 self.prompt_dp = True
-                log_prior = getattr(trainer, "_log_prior", None)
                 self._objective = _PromptObjective(
-                    trainer.prompt, trainer.probe, trainer.teacher, trainer.akd_mode, cfg.prompt.domain, log_prior
+                    parts.prompt, parts.probe, parts.teacher, parts.akd_mode, cfg.prompt.domain, parts.log_prior
                 )
             else:
-                if trainer.akd_mode != "off":
+                if parts.akd_mode != "off":
                     logger.warning(
                         "privacy.prompt is 'frozen': akd.mode %r is forced off (the Fourier prompt is trained on private "
                         "images; it stays the identity and costs no budget). Use privacy.prompt: dp to train it under DP.",
-                        trainer.akd_mode,
+                        parts.akd_mode,
                     )
-                trainer.akd_mode = "off"
-                trainer.prompt_optimizer = None
-                trainer.probe = None
-                for param in trainer.prompt.parameters():
+                self.akd_mode = "off"
+                self.probe = None
+                self._prompt_optimizer = None
+                for param in parts.prompt.parameters():
                     param.requires_grad_(False)
                 self._reset_prompt_to_identity()
         self.k_s = int(cfg.akd.k_s) if self.prompt_dp else 1
         self.k_g = int(cfg.akd.k_g) if self.prompt_dp else 0
         self.released_counts: np.ndarray | None = None
+        self.loss_class_counts: np.ndarray | None = None
+        """Set by :meth:`batch_loader`: the released class counts (each at least 1) the trainer's
+        class-prior losses must use, or None when its loss has no class prior."""
         self.noise_multiplier: float | None = None
         self.sample_rate: float | None = None
         self.expected_batch_size: float | None = None
+        self._student_optimizer = parts.optimizer
         self.optimizer = None
         self.prompt_optimizer = None
-        self._params_by_name = dict(trainer.student.named_parameters())
+        self._params_by_name = dict(parts.student.named_parameters())
         self._loader: PoissonBatchLoader | None = None
         if p.lr_rule != "fixed":  # the recipe's learning-rate rule (recipe_lr): config-only, so every round agrees
             lr = recipe_lr(cfg)
-            for group in trainer.optimizer.param_groups:
+            for group in parts.optimizer.param_groups:
                 group["lr"] = lr
             logger.info("privacy.lr_rule %s: DP-SGD learning rate %.4g (train.lr %.4g, expected batch %d)",
                         p.lr_rule, lr, cfg.train.lr, cfg.train.batch_size)
@@ -265,9 +320,9 @@ class DPContext:
                                                            "mechanism": state.get("mechanism", self.mechanism)})
         counts = state.get("class_counts")
         self.released_counts = None if counts is None else np.asarray(counts, dtype=np.float64)
-        if self.released_counts is not None and self.released_counts.size != self.trainer.num_classes:
+        if self.released_counts is not None and self.released_counts.size != self.num_classes:
             raise ValueError("stored DP class counts do not match the number of classes")
-        if self.trainer.prompt is not None and not self.prompt_dp:
+        if self.prompt is not None and not self.prompt_dp:
             self._reset_prompt_to_identity()
 
     accountant_state = state_dict
@@ -338,6 +393,9 @@ class DPContext:
     def batch_loader(self, data: ImageSet, epochs: int, max_steps: int | None) -> PoissonBatchLoader:
         """Start a ``train()`` call: budget check, class-prior release, DP optimizers, Poisson loader.
 
+        Afterwards :attr:`loss_class_counts` holds the released counts the trainer's class-prior
+        losses must be rebuilt from (None: its loss has no class prior).
+
         Raises
         ------
         PrivacyBudgetExhausted
@@ -355,12 +413,12 @@ class DPContext:
         from opacus.optimizers import DPOptimizer
 
         self.optimizer = DPOptimizer(
-            self.trainer.optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            self._student_optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_batch_size, generator=self.noise_generator,
         )
         if self.prompt_dp:
             self.prompt_optimizer = DPOptimizer(
-                self.trainer.prompt_optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                self._prompt_optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
                 expected_batch_size=self.expected_batch_size, generator=self.noise_generator,
             )
         logger.info("DP-SGD: N=%d, q=%.4g, sigma=%.4g, C=%.3g, up to %d steps; epsilon so far %.4f (target %s)",
@@ -416,12 +474,11 @@ class DPContext:
 
     def prompt_steps(self, student_in: Tensor, teacher_in: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         """DP version of ``LocalTrainer._prompt_steps``: same objective, per-sample clipped and noised."""
-        trainer = self.trainer
         objective = self._objective
         n = int(y.shape[0])
-        if trainer.akd_mode == "minmax":
+        if self.akd_mode == "minmax":
             with torch.no_grad():
-                u = trainer.student.forward_train(student_in).projection.float()
+                u = self.student.forward_train(student_in).projection.float()
         else:
             u = torch.zeros(n, 1, device=y.device)
         named = {k: v for k, v in objective.named_parameters() if v.requires_grad}
@@ -441,7 +498,7 @@ class DPContext:
                 param.grad_sample = grads[key].to(param.dtype)
             opt.step()
         terms = {"prompt_reg": float(reg.mean())}
-        terms["prompt_discrepancy" if trainer.akd_mode == "minmax" else "prompt_probe_loss"] = float(stat.mean())
+        terms["prompt_discrepancy" if self.akd_mode == "minmax" else "prompt_probe_loss"] = float(stat.mean())
         return feats.reshape(n, -1).detach(), terms
 
     def finish(self, result: EpochResult, data: ImageSet, track_class_rep: bool) -> None:
@@ -488,7 +545,7 @@ class DPContext:
         same values (post-processing costs nothing). This is what a DP client may share.
         """
         if self.released_counts is None:
-            self.released_counts = self.release_statistics(self.trainer.class_counts.astype(np.float64), 1.0)
+            self.released_counts = self.release_statistics(self.class_counts.astype(np.float64), 1.0)
         return self.released_counts.copy()
 
     def shared_class_counts(self) -> list[float] | None:
@@ -506,35 +563,27 @@ class DPContext:
         ``[Σ_i∈c ℓ_rep,i, n_c · 4]`` changes by at most √2·4 in L2 when one example is added or
         removed (ℓ_rep ∈ [0, 4]). Classes with a noisy count below 1 get NaN.
         """
-        from fopro_kd.training.trainer import class_rep_prior
-
-        trainer = self.trainer
-        if trainer.teacher is None:
+        if self.teacher is None:
             raise ValueError("FedMAS statistics need a teacher (train.method ekd or fopro-kd)")
-        student = student if student is not None else trainer.student
-        means = class_rep_prior(student, trainer.teacher, trainer.prompt, data, self.cfg, trainer.device)
-        counts = np.bincount(data.labels.cpu().numpy(), minlength=trainer.num_classes).astype(np.float64)
+        student = student if student is not None else self.student
+        means = class_rep_prior(student, self.teacher, self.prompt, data, self.cfg, self.device)
+        counts = np.bincount(data.labels.cpu().numpy(), minlength=self.num_classes).astype(np.float64)
         vector = np.concatenate([means * counts, counts * REP_LOSS_BOUND])
         noisy = self.release_statistics(vector, math.sqrt(2.0) * REP_LOSS_BOUND)
-        return class_means_from_release(noisy, trainer.num_classes, REP_LOSS_BOUND)
+        return class_means_from_release(noisy, self.num_classes, REP_LOSS_BOUND)
 
     # ------------------------------------------------------------------ internals
     def _use_private_class_prior(self) -> None:
-        """Rebuild the trainer's class-prior losses from the released (noisy) class counts."""
-        trainer = self.trainer
-        loss_name = "ce" if trainer.method == "ce" else self.cfg.train.loss
-        if loss_name == "ce" and trainer.probe is None:
+        """Class priors from the released (noisy) counts: :attr:`loss_class_counts` and the DP prompt objective's."""
+        if self.loss_name == "ce" and self.probe is None:
+            self.loss_class_counts = None
             return  # no class prior anywhere in the loss
         counts = np.maximum(self.released_class_counts(), 1.0)  # post-processing: every class at least 1
-        trainer.classification = build_classification_loss(loss_name, counts, self.cfg.train)
-        if trainer.teacher is not None:
-            trainer.ekd = EKDLoss(trainer.classification, self.cfg.train.lambda_rep)
-        if trainer.probe is not None:
+        self.loss_class_counts = counts
+        if self.probe is not None and self.prompt_dp:
             prior = counts / counts.sum()
-            log_prior = torch.log(torch.as_tensor(prior, dtype=torch.float32) + 1e-12).to(trainer.device)
-            trainer._log_prior = log_prior
-            if self.prompt_dp:
-                object.__setattr__(self._objective, "_log_prior", log_prior)
+            log_prior = torch.log(torch.as_tensor(prior, dtype=torch.float32) + 1e-12).to(self.device)
+            object.__setattr__(self._objective, "_log_prior", log_prior)
 
     def _noise_only(self, opt) -> None:
         std = self.noise_multiplier * self.max_grad_norm
@@ -553,7 +602,7 @@ class DPContext:
                 param.grad.add_(proximal_mu * (param.detach() - anchor[name]))
 
     def _reset_prompt_to_identity(self) -> None:
-        prompt = self.trainer.prompt
+        prompt = self.prompt
         with torch.no_grad():
             if getattr(prompt, "m", None) is not None:
                 prompt.m.zero_()

@@ -5,13 +5,23 @@ client, so a federation trains exactly what a centralised run trains. State that
 survive between federated rounds (optimizers, the prompt and its probe, the RNG) is
 exposed through :meth:`LocalTrainer.state_dict` and never contains the student weights,
 which travel separately.
+
+With ``privacy.mode: local`` the trainer owns a :class:`~fopro_kd.privacy.local_dp.DPContext`
+and hands it explicit parts (:class:`~fopro_kd.privacy.local_dp.DPParts`: student, optimizers,
+prompt, probe, prior ...), never itself; what DP changes in the trainer comes back through
+two narrow answers (``DPContext.akd_mode`` after construction, ``DPContext.loss_class_counts``
+after each ``batch_loader``) that the trainer applies to its own fields.
+
+:class:`~fopro_kd.training.results.EpochResult` and
+:func:`~fopro_kd.training.results.class_rep_prior` live in :mod:`fopro_kd.training.results`
+(the DP code needs them without the trainer); they are imported here as well because the
+federated client imports them from this module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +34,7 @@ from fopro_kd.data.transforms import BatchAugment, resize_batch, to_float_on
 from fopro_kd.losses import EKDLoss, build_classification_loss, representation_loss
 from fopro_kd.models.student import EKDStudent
 from fopro_kd.models.teacher import FrozenTeacher
+from fopro_kd.privacy.local_dp import DPContext, DPParts
 from fopro_kd.prompt import FourierPrompt, prompt_input
 from fopro_kd.prompt_objectives import ObjectiveContext, build_prompt_objective
 from fopro_kd.training.feature_cache import (
@@ -33,21 +44,11 @@ from fopro_kd.training.feature_cache import (
     cached_features,
     check_cache_size,
 )
+from fopro_kd.training.precision import autocast_context
+from fopro_kd.training.results import EpochResult, class_rep_prior
 from fopro_kd.training.teacher_view import teacher_features, teacher_targets
 
-
-@dataclass
-class EpochResult:
-    """Mean loss terms over the examples seen, plus the per-class statistics FedMAS needs."""
-
-    num_examples: int = 0
-    num_steps: int = 0
-    losses: dict[str, float] = field(default_factory=dict)
-    class_rep_sum: np.ndarray | None = None
-    class_seen: np.ndarray | None = None
-
-    def as_metrics(self) -> dict[str, float]:
-        return {"num_examples": float(self.num_examples), **self.losses}
+__all__ = ["EpochResult", "LocalTrainer", "autocast_context", "class_rep_prior", "make_optimizer", "predict"]
 
 
 def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float, momentum: float):
@@ -56,13 +57,6 @@ def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_deca
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
     raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {name!r}")
-
-
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA (the step is matmul/conv bound there); plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class LocalTrainer:
@@ -127,11 +121,18 @@ class LocalTrainer:
         self.explore_override: bool | None = None
         """Set by a federated-prompt client: the server says whether this round explores (federated_prompt.py)."""
         self.epochs_done = 0
-        self.dp = None  # privacy.mode local: DP-SGD state (fopro_kd/privacy/local_dp.py, docs/privacy.md)
+        self.dp: DPContext | None = None  # privacy.mode local: DP-SGD state (fopro_kd/privacy/local_dp.py, docs/privacy.md)
         if cfg.privacy.mode == "local":
-            from fopro_kd.privacy.local_dp import DPContext
-
-            self.dp = DPContext(self)
+            self.dp = DPContext(DPParts(
+                cfg=cfg, student=self.student, device=device, optimizer=self.optimizer, class_counts=self.class_counts,
+                loss_name=loss_name, teacher=self.teacher, prompt=self.prompt, probe=self.probe,
+                prompt_optimizer=self.prompt_optimizer, akd_mode=self.akd_mode,
+                log_prior=getattr(self, "_log_prior", None),
+            ))
+            if self.dp.akd_mode == "off":  # privacy.prompt frozen: the prompt stays the identity, no AKD
+                self.akd_mode = "off"
+                self.prompt_optimizer = None
+                self.probe = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -232,8 +233,10 @@ class LocalTrainer:
             trainable = {name for name, p in self.student.named_parameters() if p.requires_grad}
             # frozen parameters never move from the global value: no proximal term to compute every step
             anchor = {k: v.detach().to(self.device) for k, v in global_params.items() if k in trainable}
-        if self.dp is not None:  # Poisson sampling, budget check, DP optimizers
+        if self.dp is not None:  # Poisson sampling, budget check, class-count release, DP optimizers
             loader = self.dp.batch_loader(data, epochs, max_steps)
+            if self.dp.loss_class_counts is not None:
+                self._use_class_prior(self.dp.loss_class_counts)
         else:
             loader = BatchLoader(data, self.cfg.train.batch_size, shuffle=True, seed=int(self.cfg.seed), drop_last=False)
         bar = _progress(epochs * len(loader), progress, "train")
@@ -276,6 +279,20 @@ class LocalTrainer:
         if self.dp is not None:
             self.dp.finish(result, data, track_class_rep)  # per-class statistics never leave raw
         return result
+
+    def _use_class_prior(self, counts: np.ndarray) -> None:
+        """Rebuild the class-prior losses (and the probe's prior) from ``counts``.
+
+        DP mode calls this with the class counts released by the Gaussian mechanism: private
+        counts would make every example's gradient depend on the others.
+        """
+        loss_name = "ce" if self.method == "ce" else self.cfg.train.loss
+        self.classification = build_classification_loss(loss_name, counts, self.cfg.train)
+        if self.teacher is not None:
+            self.ekd = EKDLoss(self.classification, self.cfg.train.lambda_rep)
+        if self.probe is not None:
+            prior = counts / counts.sum()
+            self._log_prior = torch.log(torch.as_tensor(prior, dtype=torch.float32) + 1e-12).to(self.device)
 
     def _views(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Student input, teacher input (``augment.teacher_view``) and each image's flip view."""
@@ -426,33 +443,3 @@ def predict(student: EKDStudent, data: ImageSet, batch_size: int, device: torch.
     if not probs:
         return np.zeros((0, student.num_classes), dtype=np.float64)
     return torch.cat(probs).double().numpy()
-
-
-@torch.no_grad()
-def class_rep_prior(
-    student: EKDStudent,
-    teacher: FrozenTeacher,
-    prompt: FourierPrompt | None,
-    data: ImageSet,
-    cfg: Config,
-    device: torch.device,
-) -> np.ndarray:
-    """FedMAS step 1: per-class mean representation distance of ``student`` to the teacher.
-
-    One non-dropping, un-augmented pass (method.md §5 notes: the original under-counted
-    classes with a drop-last augmented loader). Classes absent from ``data`` get 0.
-    """
-    student.eval()
-    sums = np.zeros(student.num_classes, dtype=np.float64)
-    counts = np.zeros(student.num_classes, dtype=np.int64)
-    size = cfg.student.input_size or cfg.data.image_size
-    for start in range(0, len(data), cfg.train.eval_batch_size):
-        x = to_float_on(data.images[start : start + cfg.train.eval_batch_size], device)
-        y = data.labels[start : start + cfg.train.eval_batch_size].numpy()
-        with autocast_context(device):
-            u = student.forward_train(resize_batch(x, size)).projection.float()
-            t = teacher_targets(teacher, x, prompt, cfg.prompt.domain).float()
-        rep = representation_loss(u, t).double().cpu().numpy()
-        np.add.at(sums, y, rep)
-        np.add.at(counts, y, 1)
-    return np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
