@@ -66,6 +66,7 @@ from client.data import (  # noqa: E402
     site_name,
     site_spec_from_node_config,
 )
+from client.model_cache import reusable_module  # noqa: E402
 from client.state import (  # noqa: E402
     STATE_KEY,
     ClientState,
@@ -78,6 +79,7 @@ from fopro_kd.compression import encode_for_transfer, restore_torch_dtypes  # no
 from fopro_kd.config import Config  # noqa: E402
 from fopro_kd.federated_prompt import PROMPT_ARRAYS_KEY, PROMPT_EXPLORE_KEY  # noqa: E402
 from fopro_kd.prompt_objectives import objective_metric_key  # noqa: E402
+from fopro_kd.round_schedule import persists_round  # noqa: E402
 from fopro_kd.privacy.accounting import PrivacyBudgetExhausted, make_accountant  # noqa: E402
 from fopro_kd.privacy.ledger import (  # noqa: E402
     PrivacyLedger,
@@ -87,7 +89,12 @@ from fopro_kd.privacy.ledger import (  # noqa: E402
 )
 from fopro_kd.privacy.statistics import statistics_event, statistics_policy  # noqa: E402
 from fopro_kd.seeding import select_device  # noqa: E402
-from fopro_kd.training.components import build_models, shared_teacher, uses_teacher  # noqa: E402
+from fopro_kd.training.components import (  # noqa: E402
+    build_configured_prompt,
+    build_federated_student,
+    shared_teacher,
+    uses_teacher,
+)
 from fopro_kd.training.trainer import EpochResult, LocalTrainer, class_rep_prior  # noqa: E402
 from server.evaluation import build_global_student, class_correct_counts  # noqa: E402
 from server.rounds import DECLINE_RECORD_KEY, DP_BUDGET_MARKER, DP_DECLINE_KEY  # noqa: E402
@@ -171,15 +178,18 @@ def _state_root(context: Context, state_root: Path | None) -> Path:
 
 
 def _state_store(
-    context: Context, spec: SiteSpec, state_root: Path | None, state_key: str | None = None
+    context: Context, spec: SiteSpec, state_root: Path | None, state_key: str | None = None,
+    memory_state: bool = False,
 ) -> ClientStateStore:
     """The site's state store; ``state_key`` (sent by the server, stable across a resume) names the run folder.
 
     Without a key (an older server, unit tests) the Flower run id is used, which changes when a
     run is resumed. A key that is not a plain folder name is refused (:func:`check_state_key`).
+    ``memory_state`` (simulation): the state is also kept in ``context.state`` (client/state.py).
     """
     key = f"run-{context.run_id}" if state_key is None else check_state_key(str(state_key), spec.node)
-    return ClientStateStore(_state_root(context, state_root), key, spec.site_id)
+    return ClientStateStore(_state_root(context, state_root), key, spec.site_id,
+                            memory=context.state if memory_state else None)
 
 
 def _open_ledger(context: Context, spec: SiteSpec, root: Path) -> tuple[PrivacyLedgerStore, PrivacyLedger]:
@@ -320,12 +330,13 @@ def _free_dp_buffers(trainer: LocalTrainer) -> None:
     gc.collect()
 
 
-def _remember_in_context(context: Context, state: ClientState, digest: str) -> None:
+def _remember_in_context(context: Context, state: ClientState, digest: str | None) -> None:
+    """A summary of what the site remembers; ``state-sha256`` is empty for a round kept only in memory."""
     context.state[CONTEXT_STATE_KEY] = ConfigRecord({
         "site-id": int(state.site_id),
         "rounds-trained": int(state.rounds_trained),
         "last-round": int(state.last_round),
-        "state-sha256": digest,
+        "state-sha256": digest or "",
     })
 
 
@@ -345,8 +356,14 @@ def _use_federated_prompt(msg: Message, config: ConfigRecord, cfg: Config, train
     return exploring
 
 
-def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path | None = None) -> Message:
-    """Local FoPro-KD training on the received global student; reply with its weights and metrics."""
+def handle_train(
+    msg: Message, context: Context, cfg: Config, state_root: Path | None = None, memory_state: bool = False
+) -> Message:
+    """Local FoPro-KD training on the received global student; reply with its weights and metrics.
+
+    ``memory_state`` (simulation only): keep the site's state in ``context.state`` and write it
+    to disk only in the rounds of :func:`fopro_kd.round_schedule.persists_round`.
+    """
     _configure_threads(cfg)
     spec, data = _site(context, cfg)
     if len(data.train) == 0:
@@ -362,8 +379,14 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
     device = select_device(cfg.device)
     torch.manual_seed(int(cfg.seed))  # a random test teacher ('teacher.source: none') is then the same everywhere
     teacher = shared_teacher(cfg)
-    torch.manual_seed(int(cfg.seed) * 1000 + spec.site_id)  # the first round's prompt / heads init
-    student, prompt = build_models(cfg, data.train.num_classes, teacher, load_weights=False)  # global arrays next
+    num_classes = data.train.num_classes
+    student = reusable_module(  # built once per process; the global arrays (every key) are loaded next
+        cfg, num_classes, "train",
+        lambda: build_federated_student(cfg, num_classes, None if teacher is None else teacher.feature_dim,
+                                        load_weights=False))
+    # seeded after the student, which may or may not have been built here: the same prompt / probe init either way
+    torch.manual_seed(int(cfg.seed) * 1000 + spec.site_id)
+    prompt = build_configured_prompt(cfg, teacher)
     _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
     mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
     # FedProx' anchor: the global student as received (restored to fp32), before any local step
@@ -371,7 +394,8 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
 
     state_key = config.get(STATE_KEY)
     root = _state_root(context, state_root)
-    store = _state_store(context, spec, root, None if state_key is None else str(state_key))
+    store = _state_store(context, spec, root, None if state_key is None else str(state_key), memory_state)
+    persist = not memory_state or persists_round(cfg, server_round)
     ledger_store = ledger = None
     if cfg.privacy.mode == "local":  # before anything is built: a site that cannot account does not train
         ledger_store, ledger = _open_ledger(context, spec, root)
@@ -458,7 +482,7 @@ def handle_train(msg: Message, context: Context, cfg: Config, state_root: Path |
     state.class_counts = data.class_counts()
     state.rounds_trained += 1
     state.last_round = server_round
-    digest = store.save(state)
+    digest = store.save(state, persist=persist)
     _remember_in_context(context, state, digest)
     logger.info("%s round %d: %d images, loss %.4f, %.1f s%s%s", spec.node, server_round, result.num_examples,
                 result.losses.get("loss", float("nan")), train_seconds,
@@ -490,7 +514,9 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
         )
     spec, data = _site(context, cfg)
     device = select_device(cfg.device)
-    student = build_global_student(cfg, data.train.num_classes, load_weights=False)
+    num_classes = data.train.num_classes
+    student = reusable_module(cfg, num_classes, "evaluate",
+                              lambda: build_global_student(cfg, num_classes, load_weights=False))
     _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
     correct, total = class_correct_counts(student.to(device), data.local_test, cfg, device)
     n = int(sum(total))
@@ -539,6 +565,7 @@ def make_client_app(
     cfg: Config | None = None,
     state_root: str | Path | None = None,
     fault_injector: FaultInjector | None = None,
+    memory_state: bool = False,
 ) -> ClientApp:
     """A ClientApp bound to ``cfg`` (or reading the run config when None).
 
@@ -554,6 +581,10 @@ def make_client_app(
         ``"evaluate"`` and ``handler()`` running the real handler; whatever it returns (or
         raises) is the node's reply. No config key, run-config key or node-config key sets it:
         the deployed ``app`` below never has one, so production code has no fault switches.
+    memory_state : bool
+        Simulation only (``simulations/simulate.py``): sites keep their state in the engine's
+        ``context.state`` and persist it every ``federation.state_persist_every`` rounds. The
+        deployed ``app`` persists every round.
     """
     app = ClientApp()
     root = Path(state_root) if state_root is not None else None
@@ -568,7 +599,7 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return run("train", msg, context, lambda: handle_train(msg, context, resolve(context), root))
+        return run("train", msg, context, lambda: handle_train(msg, context, resolve(context), root, memory_state))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -14,16 +14,29 @@ privacy spent is kept in the append-only privacy ledger
 (:mod:`fopro_kd.privacy.ledger`, ``<root>/privacy-ledger/site-<id>.json``), which the client
 loads over it every round and which nothing here rolls back.
 
-Why a directory and not only ``context.state``: in simulation a node's Ray actor may be
-reused or not, and in deployment every message runs in a fresh ``flwr-clientapp``
-process, where ``context.state`` persistence is not confirmed (libraries.md §5). The
-state file is written atomically with a checksum (:mod:`fopro_kd.checkpoint`) and read
-back with ``weights_only=True``. A small summary is mirrored into ``context.state`` so the
-engine's own record of the node shows what the client remembers.
+Why a directory and not only ``context.state``: in deployment every message runs in a fresh
+``flwr-clientapp`` process, where ``context.state`` persistence is not confirmed
+(libraries.md §5). The state file is written atomically with a checksum
+(:mod:`fopro_kd.checkpoint`) and read back with ``weights_only=True``. A small summary is
+mirrored into ``context.state`` so the engine's own record of the node shows what the
+client remembers.
+
+In **simulation** the state also lives in memory: Flower's simulation engine keeps each
+node's ``context.state`` in the driver and hands it to whichever Ray actor serves the node
+next (``flwr/server/superlink/fleet/vce/vce_api.py``: ``retrieve_context`` /
+``update_context``), so a per-actor dict would be wrong (a site is not pinned to an actor)
+while ``context.state`` is right. :class:`ClientStateStore` with ``memory=context.state``
+keeps the serialised state there every round (:data:`MEMORY_STATE_KEY`, about the size of
+the optimizer moments: 89.5 MB for a ResNet-18 student, held by the driver for every site)
+and writes the file only when asked (``persist``, every ``federation.state_persist_every``
+rounds: :func:`fopro_kd.round_schedule.persists_round`). A killed simulation loses the
+memory copy and resumes from the files of the last persisted round, the round of the
+server's last checkpoint too.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -34,12 +47,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from flwr.app import ConfigRecord, RecordDict
+
 from fopro_kd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger("fopro_kd.federation")
 
 __all__ = [
     "CLIENT_STATE_FORMAT",
+    "MEMORY_STATE_KEY",
     "ClientState",
     "STATE_KEY",
     "ClientStateStore",
@@ -51,6 +67,8 @@ __all__ = [
 CLIENT_STATE_FORMAT = "fopro-kd-client-state/1"
 STATE_KEY = "state-key"
 """Train-config key: the run's client-state folder name, chosen by the server and kept across a resume."""
+MEMORY_STATE_KEY = "fopro-kd-client-state"
+"""``context.state`` record holding a simulated site's serialised state between persists."""
 STATE_FILE = "client_state.pt"
 PREV_STATE_FILE = "client_state.prev.pt"
 
@@ -142,7 +160,7 @@ class ClientStateStore:
         The site whose state this is.
     """
 
-    def __init__(self, root: str | Path, run_key: str, site_id: int) -> None:
+    def __init__(self, root: str | Path, run_key: str, site_id: int, memory: RecordDict | None = None) -> None:
         self.site_id = int(site_id)
         self.run_key = check_state_key(run_key, f"site-{self.site_id}")
         self.root = Path(root).expanduser().resolve()
@@ -153,6 +171,8 @@ class ClientStateStore:
         self.prev_path = self.directory / PREV_STATE_FILE
         self._current_round: int | None = None  # last_round of ``path``, known once it was read or written
         self._current_known = False
+        self.memory = memory
+        """``context.state`` of the node in simulation (the state is kept there every round), else None."""
 
     def _read(self, path: Path) -> ClientState | None:
         if not path.is_file():
@@ -175,13 +195,32 @@ class ClientStateStore:
         self._current_known = True
         return state
 
+    def _load_memory(self, before_round: int | None) -> ClientState | None:
+        record = None if self.memory is None else self.memory.get(MEMORY_STATE_KEY)
+        if not isinstance(record, ConfigRecord) or record.get("run-key") != self.run_key:
+            return None
+        if int(record.get("site-id", -1)) != self.site_id:
+            return None
+        if before_round is not None and before_round > 0 and int(record["last-round"]) >= before_round:
+            return None  # not expected within one run (the engine's memory dies with it); the files decide
+        persisted = int(record.get("persisted-round", -1))
+        if persisted >= 0:  # this run wrote the current file: no need to read it back before the next save
+            self._current_round, self._current_known = persisted, True
+        payload = torch.load(io.BytesIO(bytes(record["payload"])), weights_only=True)
+        return ClientState.from_payload(payload)
+
     def load(self, before_round: int | None = None) -> ClientState:
         """The newest readable state (with ``last_round < before_round`` when given), else a fresh one.
 
         ``before_round`` is the round about to be trained: a state saved for that round or a
         later one (left by a run that was killed and resumed from an earlier checkpoint) is
         skipped in favour of the previous state. Unreadable files are logged and skipped.
+        With ``memory``, a state kept there by an earlier round of this run comes first (it is
+        never older than the files).
         """
+        kept = self._load_memory(before_round)
+        if kept is not None:
+            return kept
         for path in (self.path, self.prev_path):
             state = self._read_current() if path == self.path else self._read(path)
             if state is None:
@@ -195,12 +234,32 @@ class ClientStateStore:
             logger.warning("site-%d: no saved state from before round %d; starting fresh", self.site_id, before_round)
         return ClientState(self.site_id)
 
-    def save(self, state: ClientState) -> str:
-        """Write atomically, keeping the previous round's state; return the SHA-256 of the file.
+    def save(self, state: ClientState, persist: bool = True) -> str | None:
+        """Keep ``state`` (in ``memory`` when set) and, with ``persist``, write the file; return its SHA-256.
 
-        When the current file holds an *earlier* round it becomes ``client_state.prev.pt``; a
-        state for the same round (a round trained again after a resume) replaces it in place.
+        The file is written atomically, keeping the previous persisted state: when the current
+        file holds an *earlier* round it becomes ``client_state.prev.pt``; a state for the same
+        round (a round trained again after a resume) replaces it in place. ``persist=False``
+        (simulation, between persists) writes nothing and returns None; without ``memory`` the
+        state is always written.
         """
+        digest = None
+        if persist or self.memory is None:
+            digest = self._write(state)
+        if self.memory is not None:
+            buffer = io.BytesIO()
+            torch.save(state.to_payload(), buffer)
+            previous = self.memory.get(MEMORY_STATE_KEY)
+            persisted = int(state.last_round) if digest is not None else (
+                int(previous.get("persisted-round", -1)) if isinstance(previous, ConfigRecord)
+                and previous.get("run-key") == self.run_key else -1)
+            self.memory[MEMORY_STATE_KEY] = ConfigRecord({
+                "run-key": self.run_key, "site-id": self.site_id, "last-round": int(state.last_round),
+                "persisted-round": persisted, "payload": buffer.getvalue(),
+            })
+        return digest
+
+    def _write(self, state: ClientState) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self._current_known:
             self._read_current()

@@ -326,6 +326,27 @@ class FederationConfig:
     float16/bfloat16 halve every message (and what the server holds per hospital); integer buffers stay exact."""
     client_num_cpus: float = 1.0
     client_num_threads: int = 1
+    client_num_gpus: float | None = None
+    """Simulation: GPU share of one virtual hospital (Ray ``num_gpus``; 0.25 = four hospitals per GPU, each actor
+    loading the teacher once). ``None``: 1/num_clients (at most 1) when ``device`` is cuda/auto and a GPU is
+    visible, else 0."""
+    evaluate_every: int = 1
+    """Server validation and federated evaluation every k rounds (and always in the last round); the rounds in
+    between get a history row with the clients' figures and no scores (docs/performance.md)."""
+    test_every_round: bool = True
+    """Score the server's test split whenever validation runs (per-round test curves); ``false``: only the model
+    selected on validation is tested, once, at the end."""
+    state_persist_every: int = 1
+    """Simulation: each site's state (optimizer, prompt, RNG) stays in the engine's memory (``context.state``) and
+    is written to disk, with the server's checkpoint, every k rounds and in the last; a killed run resumes from the
+    last persisted round and repeats at most k - 1 rounds. Deployment (SuperNodes) always persists every round.
+    Must be 1 with ``privacy.mode`` local/central (a repeated round would be charged twice or not at all)."""
+    reuse_client_models: bool = True
+    """Simulation actors keep one student module per architecture and load each round's global weights into it
+    (client/model_cache.py); ``false`` builds them for every message (the behaviour before; for benchmarks)."""
+    ray_address: str | None = None
+    """Simulation on a Ray cluster: the address of a running head (``ray start --head``), e.g. ``"auto"`` or
+    ``"10.0.0.5:6379"``; ``None`` starts a private Ray instance on this machine (docs/performance.md)."""
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 
 
@@ -399,7 +420,7 @@ _POSITIVE = {
     "train.eval_batch_size", "train.lr", "prompt.eps", "prompt.band", "prompt.lr", "prompt.generator_hidden",
     "federation.num_rounds", "federation.num_clients", "federation.local_epochs", "federation.round_timeout_s",
     "akd.k_g", "akd.k_s", "akd.prompt_every", "akd.support_per_class", "akd.support_per_step", "akd.temperature", "teacher.hub_timeout_s", "federation.client_num_cpus", "federation.client_num_threads",
-    "federation.min_available_clients",
+    "federation.min_available_clients", "federation.evaluate_every", "federation.state_persist_every",
 }
 _NON_NEGATIVE = {
     "split.val_per_class", "split.test_per_class", "train.weight_decay", "train.lambda_rep", "train.grad_clip",
@@ -697,6 +718,16 @@ def _check_privacy(cfg: Config, source: str) -> None:
         if cfg.federation.local_steps is not None:
             raise ConfigError(f"{source}: 'privacy.max_physical_batch_size' with 'federation.local_steps': the trainer "
                               "counts physical chunks as steps; use federation.local_epochs")
+    if p.mode != "off" and cfg.federation.state_persist_every != 1:
+        raise ConfigError(
+            f"{source}: 'federation.state_persist_every' is {cfg.federation.state_persist_every} with 'privacy.mode: "
+            f"{p.mode}': a resumed run repeats the rounds since the last persist, which a site's privacy ledger refuses "
+            "to charge twice (local) or whose released aggregates the server's accountant would forget (central); "
+            "set it to 1"
+        )
+    if cfg.federation.client_num_gpus is not None and not 0 <= cfg.federation.client_num_gpus <= 1:
+        raise ConfigError(f"{source}: 'federation.client_num_gpus' must be in [0, 1] (a GPU share per hospital) or "
+                          f"null, got {cfg.federation.client_num_gpus!r}")
     if p.mode == "local" and p.target_epsilon is None and p.noise_multiplier is None:
         raise ConfigError(
             f"{source}: 'privacy.mode' is 'local': set 'privacy.target_epsilon' (the noise multiplier is then derived "

@@ -55,6 +55,7 @@ from fopro_kd.plots import (  # noqa: E402
     plot_per_class_rounds,
     plot_weights_per_round,
 )
+from fopro_kd.round_schedule import evaluates_round, persists_round  # noqa: E402
 from fopro_kd.run_dir import RunDir, default_run_dir  # noqa: E402
 from fopro_kd.run_report import try_write_run_report  # noqa: E402
 from fopro_kd.seeding import select_device  # noqa: E402
@@ -226,22 +227,29 @@ class ServerEvaluator:
             logger.warning("round %d: no global model to evaluate (no round aggregated yet)", server_round)
             return None
         started = time.perf_counter()
+        entry = self.recorder.rounds.get(server_round) if server_round > 0 else None
+        if not evaluates_round(self.cfg, server_round):  # federation.evaluate_every: the clients' figures only
+            self.run.append_history(self._row(server_round, None, None, entry, 0.0, started))
+            self._last_end = time.perf_counter()
+            return None
         self.student.load_state_dict(arrays.to_torch_state_dict())
         val = evaluate_student(self.student, self.splits.val, self.train_counts, self.cfg, self.device)
-        test = evaluate_student(self.student, self.splits.test, self.train_counts, self.cfg, self.device)
+        test = None
+        if self.cfg.federation.test_every_round:
+            test = evaluate_student(self.student, self.splits.test, self.train_counts, self.cfg, self.device)
         eval_seconds = time.perf_counter() - started
-        entry = self.recorder.rounds.get(server_round) if server_round > 0 else None
         row = self._row(server_round, val, test, entry, eval_seconds, started)
         self.run.append_history(row)
         score = val["balanced_accuracy"] if val["balanced_accuracy"] is not None else -1.0
         if server_round > 0 and score > self.best.val_balanced_accuracy:
             self._select(server_round, score, test, entry)
         self._last_end = time.perf_counter()
-        logger.info("round %d: val bACC %.4f, test bACC %.4f", server_round, score, test["balanced_accuracy"] or 0.0)
-        return MetricRecord({
-            "val-balanced-accuracy": float(score),
-            "test-balanced-accuracy": float(test["balanced_accuracy"] or 0.0),
-        })
+        result = {"val-balanced-accuracy": float(score)}
+        if test is not None:
+            result["test-balanced-accuracy"] = float(test["balanced_accuracy"] or 0.0)
+        logger.info("round %d: val bACC %.4f%s", server_round, score,
+                    "" if test is None else f", test bACC {test['balanced_accuracy'] or 0.0:.4f}")
+        return MetricRecord(result)
 
     # ------------------------------------------------------------------ pieces
     def _timing(self, entry: RoundLog | None, eval_seconds: float, started: float) -> dict[str, float]:
@@ -263,19 +271,24 @@ class ServerEvaluator:
         return timing
 
     def _row(
-        self, server_round: int, val: dict, test: dict, entry: RoundLog | None, eval_seconds: float, started: float
+        self, server_round: int, val: dict | None, test: dict | None, entry: RoundLog | None, eval_seconds: float,
+        started: float,
     ) -> dict[str, Any]:
+        """One history row; ``val`` / ``test`` None (a round not scored, or no per-round test) leave their columns empty."""
+        val = val or {}
         row: dict[str, Any] = {
             "round": server_round,
-            "val_balanced_accuracy": val["balanced_accuracy"],
-            "val_few_shot": val["few_shot"],
-            "test_balanced_accuracy": test["balanced_accuracy"],
-            "test_few_shot": test["few_shot"],
-            "test_medium_shot": test["medium_shot"],
-            "test_many_shot": test["many_shot"],
-            "test_tail": test.get("tail"),
+            "val_balanced_accuracy": val.get("balanced_accuracy"),
+            "val_few_shot": val.get("few_shot"),
+            "test_balanced_accuracy": None if test is None else test["balanced_accuracy"],
+            "test_few_shot": None if test is None else test["few_shot"],
+            "test_medium_shot": None if test is None else test["medium_shot"],
+            "test_many_shot": None if test is None else test["many_shot"],
+            "test_tail": None if test is None else test.get("tail"),
         }
-        row.update({f"recall/{name}": value for name, value in test["per_class_recall"].items()})
+        names = self.splits.class_names
+        recalls = {} if test is None else test["per_class_recall"]
+        row.update({f"recall/{name}": recalls.get(name) for name in (recalls or names)})
         if entry is not None:
             by_site = self.recorder.by_site
             row.update({f"weight/{site}": w for site, w in by_site(entry.weights).items()})
@@ -335,8 +348,17 @@ class ServerEvaluator:
         evaluate_and_save_predictions(self.student, self.splits.test, self.train_counts, self.cfg, self.device, path)
         return path
 
-    def _select(self, server_round: int, score: float, test: dict, entry: RoundLog | None) -> None:
-        self.best = Selection(server_round, score, copy.deepcopy(test))
+    def test_selected(self) -> None:
+        """``federation.test_every_round: false``: score the selected model on the test split, once, at the end."""
+        if self.best.round <= 0 or self.best_arrays is None or "balanced_accuracy" in self.best.test_metrics:
+            return
+        self.student.load_state_dict(self.best_arrays)
+        test = evaluate_student(self.student, self.splits.test, self.train_counts, self.cfg, self.device)
+        self.best.test_metrics = {**copy.deepcopy(test), "per_site": self.best.test_metrics.get("per_site", {})}
+        logger.info("selected round %d: test bACC %.4f", self.best.round, test["balanced_accuracy"] or 0.0)
+
+    def _select(self, server_round: int, score: float, test: dict | None, entry: RoundLog | None) -> None:
+        self.best = Selection(server_round, score, copy.deepcopy(test) if test is not None else {})
         self.best_arrays = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
         per_site = {}
         if entry is not None:
@@ -571,6 +593,7 @@ def run_federation(
         evaluate_metrics_aggr_fn=aggregate_metrics, min_valid_replies=fed.min_valid_replies,
         max_update_norm=fed.max_update_norm, transfer_dtype=fed.transfer_dtype))
     evaluator = ServerEvaluator(cfg, splits, run, recorder, parallel_slots)
+    strategy.evaluate_schedule = lambda server_round: evaluates_round(cfg, server_round)
     if cfg.prompt.scope == "federated":  # one prompt for every site: averaged while exploring, then frozen
         strategy.enable_federated_prompt(explore_rounds(cfg))
     if cfg.privacy.mode == "central":  # Poisson sampling, DP-FedAvg with a fixed denominator (docs/privacy.md §3)
@@ -651,15 +674,16 @@ def run_federation(
                 server_round=completed[0], failed_rounds=list(guard.failed_rounds) + [server_round],
                 run_dir=str(run.path),
             ) from exc
-        checkpoint(server_round, arrays)
-        completed[0] = server_round
+        if persists_round(cfg, server_round):  # with the clients' states (federation.state_persist_every)
+            checkpoint(server_round, arrays)
+            completed[0] = server_round
         if guard.failed_streak >= fed.max_failed_rounds:
             raise FederationAborted(
                 f"stopping after round {server_round}: {guard.failed_streak} consecutive round(s) without enough valid "
                 f"replies (federation.max_failed_rounds={fed.max_failed_rounds}, min_valid_replies="
-                f"{fed.min_valid_replies}); state saved in {store.path_for(server_round)}; fix the failing hospitals "
+                f"{fed.min_valid_replies}); state saved in {store.path_for(completed[0])}; fix the failing hospitals "
                 f"and continue with `fopro-kd simulate --resume {run.path}`",
-                server_round=server_round, failed_rounds=list(guard.failed_rounds), run_dir=str(run.path),
+                server_round=completed[0], failed_rounds=list(guard.failed_rounds), run_dir=str(run.path),
             )
         if guard.budget_stop is not None and server_round < fed.num_rounds:
             raise FederationFinished(guard.budget_stop, server_round=server_round)
@@ -705,6 +729,7 @@ def run_federation(
         logger.warning("federation ended after round %d of %d: %s", exc.server_round, fed.num_rounds, exc)
     else:
         stopped = None
+    evaluator.test_selected()  # test_every_round false: the selected model's test scores, computed once
     metrics = _final_metrics(cfg, evaluator, recorder, wall_before + time.perf_counter() - wall_start)
     metrics["resumed_from_round"] = done if resumed is not None else None
     metrics["stopped_early"] = stopped

@@ -298,6 +298,8 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
     import torch
     from flwr.app import ArrayRecord
 
+    from flwr.app import RecordDict
+
     from client.data import SiteSpec, load_site_data
     from client.state import ClientState, ClientStateStore
     from fopro_kd.config import load_config
@@ -326,6 +328,7 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
         tmp = Path(tempfile.mkdtemp(prefix="fopro-bench-state-"))
         try:
             store = ClientStateStore(tmp, "run", 0)
+            memory_store = ClientStateStore(tmp, "run-memory", 0, memory=RecordDict())
             state_mb = 0.0
             for _ in range(repeats + 1):
                 student, prompt = timed("build_models", lambda: build_models(cfg, data.train.num_classes, teacher))
@@ -342,6 +345,9 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
                 new = ClientState(0, trainer.state_dict(), data.class_counts(), state.rounds_trained + 1, 1)
                 timed("state_save", lambda: store.save(new))
                 state_mb = store.path.stat().st_size / 2**20
+                # the simulation path since issue 16: the state kept in the node's context.state
+                timed("state_save_memory", lambda: memory_store.save(new, persist=False))
+                timed("state_load_memory", lambda: memory_store.load())
                 timed("reply_record", lambda: ArrayRecord({k: v.detach().cpu() for k, v in student.state_dict().items()}))
                 # evaluate handler
                 glob = timed("eval_build_student", lambda: build_global_student(cfg, data.train.num_classes))
@@ -351,12 +357,18 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         medians = {k: st.median(v[1:] if len(v) > 1 else v) for k, v in timings.items()}
-        per_round = sum(v for k, v in medians.items() if k != "train_1_step")
+        memory_keys = ("state_save_memory", "state_load_memory")
+        per_round = sum(v for k, v in medians.items() if k != "train_1_step" and k not in memory_keys)
+        # now: no model building (cached per actor), state in memory, the file written every state_persist_every
+        every = max(1, cfg.federation.state_persist_every)
+        now = (per_round - medians["build_models"] - medians["eval_build_student"] - medians["state_save"]
+               - medians["state_load"] + sum(medians[k] for k in memory_keys) + medians["state_save"] / every)
         return {
             "site": 0, "train_images": len(data.train), "local_test_images": len(data.local_test),
             "first_site_data_s": first_data_s, "client_state_file_mb": state_mb,
             "model_mb": len(buffer.getvalue()) / 2**20,
             "median_s": medians, "overhead_per_client_round_s": per_round,
+            "overhead_per_client_round_now_s": now,
         }
     finally:
         torch.set_num_threads(threads)
@@ -365,24 +377,51 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
 # --------------------------------------------------------------------------- suites
 
 
+PREVIOUS_BEHAVIOUR = [
+    "federation.evaluate_every=1", "federation.test_every_round=true", "federation.state_persist_every=1",
+    "federation.reuse_client_models=false",
+]
+"""The simulation as it ran before issue 16: state file and server checkpoint every round, models rebuilt for every
+message, server (val + test) and federated evaluation every round."""
+PREVIOUS_SIM_DEMO_SHAPE = [
+    "federation.num_clients=5", "federation.min_available_clients=5", "federation.local_steps=null",
+    "federation.local_epochs=2",
+]
+"""configs/sim-demo.yaml before issue 16: 5 hospitals of unequal size, 2 local epochs each, on 2 actor slots."""
+
+
+def _one_simulation(config: Path, overrides: list[str], out_dir: Path, quick: bool) -> tuple[dict, dict]:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    proc = run_simulation_process(config, overrides, out_dir, timeout_s=600 if quick else 1800)
+    if proc["rc"] != 0:
+        raise RuntimeError(f"the simulation failed (exit {proc['rc']}); log {proc['log']}:\n"
+                           + "\n".join(proc["log_tail"]))
+    run = read_run(out_dir)
+    _drop_client_state(out_dir)
+    return proc, run
+
+
 def run_simulation_suite(opts: dict[str, Any]) -> dict[str, Any]:
+    """sim-demo as shipped, and (unless quick) the previous behaviour in the same run: the baseline of the ratio."""
     problem = _check_federation()
     if problem:
         print(f"simulation suite skipped: {problem}")
         return {"skipped": problem, "targets": [target("simulation overhead share of round wall time", None,
                                                        0.15, "<=")]}
     config, work, temporary = _prepare(opts, "simulation")
-    rounds = 2  # round 1 = warm-up (actor start-up), round 2 = steady state; more with --set federation.num_rounds=N
+    # round 1 = warm-up (actor start-up); the steady state is the median of the later rounds, which include the
+    # evaluated / persisted ones in their real proportion; more with --set federation.num_rounds=N
+    rounds = 2 if opts["quick"] else 6
     overrides = [f"federation.num_rounds={rounds}", *opts.get("overrides", [])]  # a user --set wins (last)
     out_dir = work / "run"
-    shutil.rmtree(out_dir, ignore_errors=True)
+    baseline = None
     try:
-        proc = run_simulation_process(config, overrides, out_dir, timeout_s=600 if opts["quick"] else 1200)
-        if proc["rc"] != 0:
-            raise RuntimeError(f"the simulation failed (exit {proc['rc']}); log {proc['log']}:\n"
-                               + "\n".join(proc["log_tail"]))
-        run = read_run(out_dir)
-        _drop_client_state(out_dir)
+        if not opts["quick"]:  # previous behaviour first, so both see the same machine minutes apart
+            shape = PREVIOUS_SIM_DEMO_SHAPE if config.name == "sim-demo.yaml" else []
+            base_overrides = [f"federation.num_rounds={rounds}", *shape, *PREVIOUS_BEHAVIOUR, *opts.get("overrides", [])]
+            base_proc, base_run = _one_simulation(config, base_overrides, work / "previous", quick=False)
+            baseline = {"overrides": base_overrides, "process": base_proc, **base_run}
+        proc, run = _one_simulation(config, overrides, out_dir, opts["quick"])
         breakdown = client_overhead_breakdown(config, overrides, repeats=2 if opts["quick"] else 3)
     except BaseException:
         if temporary and not opts.get("keep_runs"):
@@ -396,10 +435,18 @@ def run_simulation_suite(opts: dict[str, Any]) -> dict[str, Any]:
                  "as the server computes it"),
         "config": str(config), "overrides": overrides, "process": proc, **run,
         "startup_and_shutdown_s": startup, "client_overhead": breakdown,
-        "kept_run_dir": str(out_dir),
+        "kept_run_dir": str(out_dir), "previous_behaviour": baseline,
     }
     result["targets"] = [target("simulation overhead share of round wall time (steady rounds)",
                                 run["outside_training_share_median"], 0.15, "<=")]
+    if baseline is not None and baseline["round_s_median"] and run["round_s_median"]:
+        result["previous_vs_now"] = {
+            "outside_training_share": [baseline["outside_training_share_median"], run["outside_training_share_median"]],
+            "round_s": [baseline["round_s_median"], run["round_s_median"]],
+            "client_train_s_sum": [baseline["client_train_s_sum_median"], run["client_train_s_sum_median"]],
+            "process_wall_s": [baseline["process"]["wall_s"], proc["wall_s"]],
+            "peak_tree_pss_mb": [baseline["process"]["peak_tree_pss_mb"], proc["peak_tree_pss_mb"]],
+        }
     # the run directory is kept for `comm` (the global model); it is removed by bench.main afterwards
     result["_cleanup"] = str(work) if temporary and not opts.get("keep_runs") else None
     return result
@@ -482,8 +529,15 @@ def render_simulation(result: dict[str, Any]) -> str:
         f"per-client, per-round work besides training (site 0, in-process medians; state file "
         f"{over['client_state_file_mb']:.1f} MB, model {over['model_mb']:.1f} MB):",
         format_table([{"piece": k, "seconds": v} for k, v in over["median_s"].items()]),
-        f"sum outside training per client call pair: {over['overhead_per_client_round_s']:.2f} s",
+        f"sum outside training per client call pair: {over['overhead_per_client_round_s']:.2f} s with the state file "
+        f"and model building of every round (before issue 16), {over['overhead_per_client_round_now_s']:.2f} s with the "
+        "state in memory, the file every state_persist_every rounds and the models reused",
     ]
+    pair = result.get("previous_vs_now")
+    if pair:
+        lines += ["", "previous behaviour (" + " ".join(result["previous_behaviour"]["overrides"]) + ") vs now:",
+                  format_table([{"figure": k, "previous": v[0], "now": v[1],
+                                 "now / previous": (v[1] / v[0]) if v[0] else None} for k, v in pair.items()])]
     return "\n".join(lines)
 
 

@@ -88,15 +88,34 @@ def _prepare_teacher(cfg: Config) -> None:
         demo_teacher_path(cfg)
 
 
-def _backend_config(cfg: Config) -> dict[str, Any]:
+def client_gpu_share(cfg: Config) -> float:
+    """Ray ``num_gpus`` of one virtual hospital: ``federation.client_num_gpus``, or 1/num_clients (at most 1)
+    when ``device`` is cuda/auto and a GPU is visible, else 0. Several hospitals then share one GPU; each
+    actor process loads the teacher once (fopro_kd.training.components.shared_teacher)."""
     import torch
 
-    gpus = 0.0
+    if cfg.federation.client_num_gpus is not None:
+        return float(cfg.federation.client_num_gpus)
     if cfg.device in ("cuda", "auto") and torch.cuda.is_available():
-        gpus = min(1.0, 1.0 / max(1, cfg.federation.num_clients))
+        return min(1.0, 1.0 / max(1, cfg.federation.num_clients))
+    return 0.0
+
+
+def _backend_config(cfg: Config) -> dict[str, Any]:
+    """Flower's Ray backend: per-hospital resources, and either a private Ray or the cluster at ``ray_address``.
+
+    With ``federation.ray_address`` the simulation joins a running Ray cluster (``ray start --head`` /
+    ``ray start --address``; docs/performance.md "Beyond one machine"): Ray then knows the cluster's CPUs and
+    GPUs, so no ``num_cpus`` is passed.
+    """
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+    if cfg.federation.ray_address:
+        init_args["address"] = cfg.federation.ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
     return {
-        "client_resources": {"num_cpus": float(cfg.federation.client_num_cpus), "num_gpus": gpus},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": True},
+        "client_resources": {"num_cpus": float(cfg.federation.client_num_cpus), "num_gpus": client_gpu_share(cfg)},
+        "init_args": init_args,
     }
 
 
@@ -156,7 +175,8 @@ def simulate(
     run.save_config(cfg)
     write_site_histograms(cfg, run)
     _prepare_teacher(cfg)
-    client_app = client_app or make_client_app(cfg, state_root=run.resolve("client_state"))
+    # sites keep their state in the engine's memory between persists (federation.state_persist_every)
+    client_app = client_app or make_client_app(cfg, state_root=run.resolve("client_state"), memory_state=True)
     server_app = server_app or make_server_app(cfg, run.path, parallel_slots=_parallel_slots(cfg), resume=resume)
     logger.info("simulating %d hospitals for %d rounds (%s) into %s", cfg.federation.num_clients,
                 cfg.federation.num_rounds, cfg.federation.strategy, run.path)

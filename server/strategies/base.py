@@ -164,6 +164,8 @@ class ValidatedWeightedAvg(FedAvg):
         self._central_dp: Any = None
         self.prompt_explore_rounds: int | None = None  # prompt.scope federated: see enable_federated_prompt
         self.global_prompt: dict[str, np.ndarray] | None = None
+        self.evaluate_schedule: Callable[[int], bool] | None = None
+        """Rounds with federated evaluation (``federation.evaluate_every``, fopro_kd/round_schedule.py); None: all."""
 
     # ------------------------------------------------------------------ central DP
 
@@ -285,7 +287,9 @@ class ValidatedWeightedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Configure as FedAvg, sending the global arrays in the transfer dtype."""
+        """Configure as FedAvg, sending the global arrays in the transfer dtype; nothing in unscheduled rounds."""
+        if self.evaluate_schedule is not None and not self.evaluate_schedule(server_round):
+            return []
         return super().configure_evaluate(server_round, self.encode_global(arrays), config, grid)
 
     def encode_global(self, arrays: ArrayRecord) -> ArrayRecord:

@@ -1,0 +1,33 @@
+"""Which federated rounds evaluate and which persist state: one rule, read by the server and the clients.
+
+The server and every simulated hospital must agree on the rounds whose state reaches disk:
+the server's checkpoint of round k is only useful for a resume if each site's state of round
+k was written too (``client/state.py``). Keeping the rule here, in the library, means neither
+app computes it on its own (``federation.state_persist_every``, ``federation.evaluate_every``).
+"""
+
+from __future__ import annotations
+
+from fopro_kd.config import Config
+
+__all__ = ["evaluates_round", "persists_round"]
+
+
+def _scheduled(server_round: int, every: int, num_rounds: int) -> bool:
+    """Every ``every``-th round, plus round 0 (the initial model) and the last round."""
+    return server_round <= 0 or server_round % max(1, int(every)) == 0 or server_round >= num_rounds
+
+
+def persists_round(cfg: Config, server_round: int) -> bool:
+    """Whether round ``server_round``'s client states and server checkpoint are written to disk.
+
+    Every ``federation.state_persist_every``-th round and the last one (round 0 = the initial
+    model's checkpoint). A run killed in between resumes from the newest persisted round.
+    """
+    return _scheduled(server_round, cfg.federation.state_persist_every, cfg.federation.num_rounds)
+
+
+def evaluates_round(cfg: Config, server_round: int) -> bool:
+    """Whether round ``server_round`` is scored: server validation (test too with ``test_every_round``)
+    and federated evaluation; every ``federation.evaluate_every``-th round, round 0 and the last."""
+    return _scheduled(server_round, cfg.federation.evaluate_every, cfg.federation.num_rounds)

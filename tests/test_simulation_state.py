@@ -1,0 +1,171 @@
+"""Simulation speed without losing state (issue 16): state in memory between persists, evaluation schedule.
+
+In-process federations on the local grid of ``federation_helpers`` (no Ray): each node keeps
+its ``context.state`` between rounds as Flower's simulation engine does, a "kill" is a grid
+that raises (as in ``tests/test_resume.py``) and a restart gets fresh contexts, i.e. the
+memory copy is gone and only what was persisted survives.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from client.client_app import make_client_app
+from client.state import MEMORY_STATE_KEY, ClientStateStore
+from fopro_kd.checkpoint import load_checkpoint
+from fopro_kd.config import Config, ConfigError, config_from_dict, load_config
+from fopro_kd.round_schedule import evaluates_round, persists_round
+from fopro_kd.run_dir import RunDir
+from server.checkpoints import ServerCheckpointStore
+from server.server_app import run_federation
+
+from federation_helpers import LocalGrid, fake_task_identity, preserved_torch_threads, tiny_values  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _run_identity():
+    with fake_task_identity(run_id=21), preserved_torch_threads():
+        yield
+
+
+def tiny(**federation: Any) -> Config:
+    values = tiny_values(federation={"num_rounds": 4, "min_available_clients": 3, **federation})
+    return config_from_dict(values)
+
+
+class KillAfterTrainRound(LocalGrid):
+    """Raises after the clients replied to train round ``kill_round`` (the server never aggregates it)."""
+
+    def __init__(self, *args: Any, kill_round: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kill_round, self.train_calls = kill_round, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        is_train = bool(messages) and messages[0].metadata.message_type.startswith("train")
+        self.train_calls += int(is_train)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if is_train and self.train_calls == self.kill_round:
+            raise KeyboardInterrupt(f"killed in round {self.kill_round}")
+        return replies
+
+
+def federate(cfg: Config, out: Path, state: Path, *, memory_state: bool, resume: bool = False, run_id: int = 21,
+             kill_round: int | None = None) -> tuple[dict[str, Any] | None, LocalGrid]:
+    app = make_client_app(cfg, state_root=state, memory_state=memory_state)
+    grid = KillAfterTrainRound(app, cfg.federation.num_clients, run_id=run_id, kill_round=kill_round)
+    try:
+        return run_federation(grid, cfg, out, resume=resume), grid
+    except KeyboardInterrupt:
+        return None, grid
+
+
+def history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "history.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def final_global(run_dir: Path) -> dict[str, torch.Tensor]:
+    rnd, path = ServerCheckpointStore(RunDir(run_dir)).checkpoints()[0]
+    return load_checkpoint(path)["arrays"]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def site_files(state: Path, site: int) -> list[Path]:
+    return sorted(state.glob(f"*/site-{site}/client_state*.pt"))
+
+
+@pytest.fixture(scope="module")
+def disk_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """4 rounds, state written every round (the deployment behaviour)."""
+    base = tmp_path_factory.mktemp("disk")
+    metrics, _ = federate(tiny(), base / "run", base / "state", memory_state=False)
+    assert metrics is not None
+    return base / "run", metrics
+
+
+def test_schedule_rule() -> None:
+    cfg = tiny(state_persist_every=3, evaluate_every=2)
+    assert [r for r in range(5) if persists_round(cfg, r)] == [0, 3, 4]  # every 3rd, round 0 and the last
+    assert [r for r in range(5) if evaluates_round(cfg, r)] == [0, 2, 4]
+
+
+def test_state_in_memory_between_persists_trains_exactly_as_on_disk(disk_reference, tmp_path: Path) -> None:
+    ref_dir, ref_metrics = disk_reference
+    cfg = tiny(state_persist_every=3)
+    out, state = tmp_path / "run", tmp_path / "state"
+    metrics, grid = federate(cfg, out, state, memory_state=True)
+    assert metrics is not None
+    # the same training: the state that stayed in memory is the one the disk run read back
+    assert_same(final_global(out), final_global(ref_dir))
+    assert metrics["balanced_accuracy"] == ref_metrics["balanced_accuracy"]
+    # persisted only in rounds 3 and 4 (current + previous file), kept in memory in every round
+    for site in range(cfg.federation.num_clients):
+        files = site_files(state, site)
+        assert [p.name for p in files] == ["client_state.prev.pt", "client_state.pt"]
+        rounds = sorted(int(load_checkpoint(p)["last_round"]) for p in files)
+        assert rounds == [3, 4]
+    for context in grid.contexts.values():
+        record = context.state[MEMORY_STATE_KEY]
+        assert int(record["last-round"]) == 4 and int(record["persisted-round"]) == 4
+    assert [r for r, _ in ServerCheckpointStore(RunDir(out)).checkpoints()] == [4, 3]
+
+
+def test_memory_state_survives_rounds_without_files(tmp_path: Path) -> None:
+    """Between persists nothing is on disk, yet round 2 continues round 1's state (rounds_trained grows)."""
+    cfg = tiny(num_rounds=3, state_persist_every=5)  # persisted only in the last round
+    out, state = tmp_path / "run", tmp_path / "state"
+    metrics, grid = federate(cfg, out, state, memory_state=True, kill_round=2)  # killed after round 2 trained
+    assert metrics is None
+    assert not list(state.glob("*/site-*/client_state*.pt")), "rounds 1-2 must not write state files"
+    for node, context in grid.contexts.items():
+        record = context.state[MEMORY_STATE_KEY]
+        kept = ClientStateStore(state, str(record["run-key"]), node - 1000, memory=context.state).load(before_round=3)
+        assert kept.rounds_trained == 2 and kept.last_round == 2
+    assert [r for r, _ in ServerCheckpointStore(RunDir(out)).checkpoints()] == [0]  # only round 0 persisted
+
+
+def test_kill_between_persists_resumes_from_the_last_persisted_round(disk_reference, tmp_path: Path) -> None:
+    ref_dir, ref_metrics = disk_reference
+    cfg = tiny(state_persist_every=2)
+    out, state = tmp_path / "run", tmp_path / "state"
+    metrics, _ = federate(cfg, out, state, memory_state=True, kill_round=3)  # rounds 1-2 done, 3 trained, not saved
+    assert metrics is None
+    assert ServerCheckpointStore(RunDir(out)).checkpoints()[0][0] == 2
+    metrics, _ = federate(cfg, out, state, memory_state=True, resume=True, run_id=22)  # fresh contexts
+    assert metrics is not None and metrics["resumed_from_round"] == 2
+    assert [int(r["round"]) for r in history(out)] == [0, 1, 2, 3, 4], "every round exactly once"
+    assert_same(final_global(out), final_global(ref_dir))  # round 3 repeated from the persisted state of round 2
+    assert metrics["balanced_accuracy"] == ref_metrics["balanced_accuracy"]
+
+
+def test_dp_refuses_state_persist_every_above_one() -> None:
+    with pytest.raises(ConfigError, match=r"'federation.state_persist_every' is 2 with 'privacy.mode: local'.*ledger"):
+        load_config(None, ["federation.state_persist_every=2", "privacy.mode=local", "privacy.target_epsilon=8"])
+
+
+def test_evaluate_every_and_test_only_for_the_selected_model(tmp_path: Path) -> None:
+    cfg = tiny(evaluate_every=3, test_every_round=False)
+    metrics, _ = federate(cfg, tmp_path / "run", tmp_path / "state", memory_state=True)
+    assert metrics is not None
+    rows = history(tmp_path / "run")
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4]
+    scored = [int(r["round"]) for r in rows if r["val_balanced_accuracy"] != ""]
+    assert scored == [0, 3, 4]
+    assert all(r["test_balanced_accuracy"] == "" for r in rows), "no per-round test with test_every_round false"
+    federated = [int(r["round"]) for r in rows if any(k.startswith("site_bacc/") and v != "" for k, v in r.items())]
+    assert federated == [3, 4], "federated evaluation only in scheduled rounds"
+    assert all(r["clients_aggregated"] == "3" for r in rows[1:]), "unscored rounds still record the clients"
+    assert metrics["best_round"] in (3, 4)
+    assert metrics["balanced_accuracy"] is not None, "the selected model is tested once at the end"
+    assert (tmp_path / "run" / "predictions_test.npz").is_file()
