@@ -33,8 +33,8 @@ from fopro_kd.privacy import (
 from fopro_kd.privacy.central import check_weights, replace_one_bound
 from fopro_kd.privacy.local_dp import planned_statistics_events, planned_steps_per_round
 from fopro_kd.privacy.sampling import PoissonBatchLoader
-from fopro_kd.privacy.surgery import build_dp_student, make_student_private_compatible, private_compatibility_problems
-from fopro_kd.training.components import build_models
+from fopro_kd.privacy.surgery import make_student_private_compatible, private_compatibility_problems
+from fopro_kd.training.components import build_dp_student, build_models
 from fopro_kd.training.trainer import LocalTrainer
 
 SIZE = 32

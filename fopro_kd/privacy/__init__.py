@@ -2,7 +2,8 @@
 
 * ``local`` mode (sample-level DP-SGD per hospital): :class:`~fopro_kd.privacy.local_dp.DPContext`,
   created by :class:`~fopro_kd.training.trainer.LocalTrainer` itself; model surgery in
-  :mod:`~fopro_kd.privacy.surgery`; Poisson batches in :mod:`~fopro_kd.privacy.sampling`;
+  :mod:`~fopro_kd.privacy.surgery` (the DP student is built by
+  :func:`fopro_kd.training.components.build_dp_student`); Poisson batches in :mod:`~fopro_kd.privacy.sampling`;
   accounting and budget checks in :mod:`~fopro_kd.privacy.accounting`; statistics in
   :mod:`~fopro_kd.privacy.statistics`.
 * ``central`` mode (user-level DP at the server, DP-FedAvg with a fixed denominator): pure numpy helpers in
@@ -38,7 +39,6 @@ __all__ = [
     "PrivacyBudgetExhausted",
     "add_central_noise",
     "budget_reason",
-    "build_dp_student",
     "central_epsilon",
     "central_noise_std",
     "central_sensitivity",
@@ -60,7 +60,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in ("build_dp_student", "make_student_private_compatible"):
+    if name == "make_student_private_compatible":  # lazily: surgery imports timm
         from fopro_kd.privacy import surgery
 
         return getattr(surgery, name)

@@ -14,9 +14,13 @@ What DP-SGD needs from the student (libraries.md §2):
 * the result has no buffers in any trainable layer (what ``GradSampleModule`` validates).
 
 Every hospital and the server must build the *same* converted student, because the
-GroupNorm student is what the federation aggregates in DP mode: use :func:`build_dp_student`
-(or :func:`fopro_kd.training.components.build_models`, which calls it when
-``privacy.mode`` is not ``off``).
+GroupNorm student is what the federation aggregates in DP mode: use
+:func:`fopro_kd.training.components.build_dp_student` (or
+:func:`~fopro_kd.training.components.build_models`, which calls it when ``privacy.mode`` is
+not ``off``).
+
+This module only converts a given model; building one from a config is the builders' job
+(:mod:`fopro_kd.training.components` imports this module, never the other way round).
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from fopro_kd.models.student import EKDStudent
 logger = logging.getLogger("fopro_kd.privacy")
 
 __all__ = [
-    "build_dp_student",
     "is_private_compatible",
     "make_student_private_compatible",
     "needs_private_student",
@@ -213,17 +216,6 @@ def private_compatibility_problems(model: nn.Module) -> list[str]:
 
 def is_private_compatible(model: nn.Module) -> bool:
     return not private_compatibility_problems(model)
-
-
-def build_dp_student(cfg: Config, num_classes: int, teacher_dim: int | None, load_weights: bool = True) -> EKDStudent:
-    """The DP student every participant builds: :func:`build_student` then the conversion.
-
-    Seed torch before calling it (as for ``build_student``) to get the same initial weights.
-    """
-    from fopro_kd.training.components import build_configured_student
-
-    student = build_configured_student(cfg, num_classes, teacher_dim, load_weights=load_weights)
-    return make_student_private_compatible(student, zero_init_last=cfg.student.init == "random")
 
 
 def group_norm_layers(model: nn.Module) -> list[nn.GroupNorm]:

@@ -1,7 +1,9 @@
-"""Builds the method's models from a config: shared teacher, student, prompt.
+"""Builds the method's models from a config: shared teacher, student (plain or DP), prompt.
 
 The teacher is loaded once per process and shared (a simulation process serves many
 virtual hospitals; a teacher copy per hospital would multiply memory for nothing).
+The DP student is built here too (:func:`build_dp_student`): this module imports the model
+surgery of :mod:`fopro_kd.privacy.surgery`, which converts a given model and imports no builder.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from fopro_kd.config import Config
 from fopro_kd.models.demo_teacher import demo_teacher_path
 from fopro_kd.models.student import EKDStudent, build_student
 from fopro_kd.models.teacher import FrozenTeacher, build_teacher
+from fopro_kd.privacy.surgery import make_student_private_compatible
 from fopro_kd.prompt import FourierPrompt, build_prompt
 
 logger = logging.getLogger("fopro_kd.training")
@@ -65,14 +68,22 @@ def build_configured_student(
                          load_weights=load_weights)
 
 
+def build_dp_student(cfg: Config, num_classes: int, teacher_dim: int | None, load_weights: bool = True) -> EKDStudent:
+    """The DP student every participant builds: :func:`build_configured_student` then the conversion
+    (:func:`fopro_kd.privacy.surgery.make_student_private_compatible`).
+
+    Seed torch before calling it (as for ``build_student``) to get the same initial weights.
+    """
+    student = build_configured_student(cfg, num_classes, teacher_dim, load_weights=load_weights)
+    return make_student_private_compatible(student, zero_init_last=cfg.student.init == "random")
+
+
 def build_federated_student(
     cfg: Config, num_classes: int, teacher_dim: int | None, load_weights: bool = True
 ) -> EKDStudent:
     """The student every participant builds for ``cfg``: with DP on, the converted student of
-    :func:`fopro_kd.privacy.build_dp_student` (what the federation aggregates, docs/privacy.md)."""
+    :func:`build_dp_student` (what the federation aggregates, docs/privacy.md)."""
     if cfg.privacy.mode != "off":
-        from fopro_kd.privacy.surgery import build_dp_student
-
         return build_dp_student(cfg, num_classes, teacher_dim, load_weights=load_weights)
     return build_configured_student(cfg, num_classes, teacher_dim, load_weights=load_weights)
 
