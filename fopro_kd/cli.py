@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fopro-kd: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # a teacher / student weights error (WeightsLoadError): one line, no traceback
-        from fopro_kd.models.teacher import WeightsLoadError
+        from fopro_kd.models.weights import WeightsLoadError
 
         if not isinstance(exc, WeightsLoadError):
             raise

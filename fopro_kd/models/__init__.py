@@ -1,13 +1,8 @@
-"""Models of EKD / FoPro-KD: the frozen teacher and the three-headed student."""
+"""Models of EKD / FoPro-KD: the frozen teacher, the three-headed student, and the timm weight loading both use."""
 
 from fopro_kd.models.student import EKDStudent, StudentLoadError, StudentOutput, build_student
-from fopro_kd.models.teacher import (
-    FrozenTeacher,
-    TeacherLoadError,
-    WeightsLoadError,
-    build_teacher,
-    file_sha256,
-)
+from fopro_kd.models.teacher import FrozenTeacher, build_teacher
+from fopro_kd.models.weights import TeacherLoadError, WeightsLoadError, file_sha256
 
 __all__ = [
     "EKDStudent",

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fopro_kd.config import StudentConfig, TeacherConfig
-from fopro_kd.models.teacher import WeightsLoadError, create_timm_model, feature_dim_of
+from fopro_kd.models.weights import WeightsLoadError, create_timm_model, feature_dim_of
 
 logger = logging.getLogger(__name__)
 
