@@ -57,6 +57,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from client.data import (  # noqa: E402
+    POLICY_FILE_KEY,
     STATE_DIR_KEY,
     SiteData,
     SiteDataError,
@@ -89,6 +90,7 @@ from fopro_kd.privacy.ledger import (  # noqa: E402
 )
 from fopro_kd.privacy.statistics import statistics_event, statistics_policy  # noqa: E402
 from fopro_kd.seeding import select_device  # noqa: E402
+from fopro_kd.site_policy import SitePolicyError, SitePolicyViolation, check_site_policy, load_site_policy  # noqa: E402
 from fopro_kd.training.components import (  # noqa: E402
     build_configured_prompt,
     build_federated_student,
@@ -167,8 +169,22 @@ def _configure_threads(cfg: Config) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _site(context: Context, cfg: Config) -> tuple[SiteSpec, SiteData]:
+def _site(context: Context, cfg: Config, kind: str) -> tuple[SiteSpec, SiteData]:
+    """The node's site and data, after its site policy (node config ``policy-file``) allowed the instruction.
+
+    The policy is read and checked before any image is read: a run that breaks it gets an
+    error reply naming the rule (:class:`~fopro_kd.site_policy.SitePolicyViolation`), and an
+    unreadable policy file refuses every instruction (fail closed).
+    """
     spec = site_spec_from_node_config(context.node_config, context.node_id)
+    policy_file = context.node_config.get(POLICY_FILE_KEY)
+    if policy_file not in (None, ""):
+        try:
+            policy = load_site_policy(str(policy_file))
+            check_site_policy(cfg, policy, kind=kind, shares_class_counts=shares_class_counts(cfg),
+                              data_root=spec.data_root)
+        except (SitePolicyError, SitePolicyViolation) as exc:
+            raise SiteSkipped(f"{spec.node}: {exc}") from exc
     return spec, load_site_data(cfg, spec)
 
 
@@ -365,7 +381,7 @@ def handle_train(
     to disk only in the rounds of :func:`fopro_kd.round_schedule.persists_round`.
     """
     _configure_threads(cfg)
-    spec, data = _site(context, cfg)
+    spec, data = _site(context, cfg, "train")
     if len(data.train) == 0:
         reason = f"{spec.node}: skipped: its partition has no training images"
         logger.warning(reason)
@@ -512,7 +528,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
             f"privacy.mode is {cfg.privacy.mode!r}: this site does not send evaluation counts (per-class correct/total "
             "on its local test split are outside the DP guarantee); federated evaluation is disabled in DP mode"
         )
-    spec, data = _site(context, cfg)
+    spec, data = _site(context, cfg, "evaluate")
     device = select_device(cfg.device)
     num_classes = data.train.num_classes
     student = reusable_module(cfg, num_classes, "evaluate",

@@ -51,6 +51,8 @@ SITE_ID_KEY = "site-id"
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
 STATE_DIR_KEY = "state-dir"
+POLICY_FILE_KEY = "policy-file"
+"""The hospital's own site policy (fopro_kd/site_policy.py), checked before every instruction is answered."""
 
 
 class SiteDataError(ValueError):
