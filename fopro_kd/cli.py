@@ -1,7 +1,14 @@
-"""``fopro-kd`` command line: train, evaluate, teacher pretrain, simulate, probe, report.
+"""The library's command line: train, evaluate, teacher pretrain, probe, report.
 
 Thin by design: parse arguments, load and validate the config, call the library.
 Configuration errors exit with status 2 and one clear line, before any work starts.
+
+``fopro-kd simulate`` is not defined here: it runs the Flower apps (``server/``, ``client/``,
+``flwr``), and the library never imports the layers above it. The ``fopro-kd`` console script
+(``pyproject.toml`` ``[project.scripts]``) is ``simulations.cli:main``, which calls :func:`main`
+with the ``simulate`` command added through ``extra_commands``: the composition happens in
+the top layer, which depends on everything anyway, and ``python -m fopro_kd.cli`` is this
+library-only CLI (every command but ``simulate``).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +29,19 @@ from fopro_kd.config import Config, ConfigError, load_config  # noqa: E402
 
 logger = logging.getLogger("fopro_kd")
 
+CommandAdder = Callable[[Any], None]
+"""Adds one sub-command to the ``fopro-kd`` sub-parsers (with :func:`add_subcommand`), as the library's own do."""
 
-def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+
+def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--config", required=required, help="YAML config file (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=2 (repeatable)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config's device")
 
 
-def _load(args: argparse.Namespace) -> Config:
+def load_cli_config(args: argparse.Namespace) -> Config:
+    """The validated config of ``--config`` / ``--set`` / ``--device`` (raises ConfigError naming the field)."""
     overrides = list(args.overrides)
     if getattr(args, "device", None):
         overrides.append(f"device={args.device}")
@@ -67,7 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fopro_kd.run_dir import default_run_dir
     from fopro_kd.training.single_site import train_single_site
 
-    cfg = _load(args)
+    cfg = load_cli_config(args)
     out = Path(args.out) if args.out else default_run_dir(cfg)
     check_train_out(out, args.overwrite)
     check_teacher_at_start_up(cfg)
@@ -88,7 +100,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fopro_kd.metrics import format_summary
     from fopro_kd.training.single_site import evaluate_checkpoint
 
-    cfg = _load(args)
+    cfg = load_cli_config(args)
     if args.no_verify:
         logger.warning("--no-verify: %s is used without checking its SHA-256 sidecar", args.checkpoint)
     else:
@@ -115,24 +127,13 @@ def _cmd_teacher_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.simulate import run_simulation_from_config
-
-    cfg = _load(args)
-    check_teacher_at_start_up(cfg)
-    resume = Path(args.resume) if args.resume else None
-    if resume is not None and args.out and Path(args.out).resolve() != resume.resolve():
-        raise ConfigError("--resume RUN_DIR continues that run directory; do not also pass a different --out")
-    return int(run_simulation_from_config(cfg, out_dir=args.out, resume_dir=resume) or 0)
-
-
 def _cmd_probe(args: argparse.Namespace) -> int:
     from fopro_kd.probe import RESULT_JSON, RESULT_PNG, format_probe, run_probe
     from fopro_kd.run_dir import default_run_dir
 
     if args.max_images is not None:
         args.overrides = [*args.overrides, f"probe.max_images={args.max_images}"]
-    cfg = _load(args)
+    cfg = load_cli_config(args)
     check_teacher_at_start_up(cfg, always=True)
     out = Path(args.out) if args.out else default_run_dir(cfg, kind="probe")
     payload = run_probe(cfg, out, progress=not args.no_progress)
@@ -142,14 +143,14 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from simulations.report import print_report
+    from fopro_kd.report_table import print_report
 
     print_report([Path(p) for p in args.run_dirs], rare_classes=args.rare_classes, fmt=args.format,
                  allow_mixed=args.allow_mixed)
     return 0
 
 
-def _sub(sub: Any, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+def add_subcommand(sub: Any, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
     """A sub-command whose ``--help`` ends with a worked example (argparse epilog)."""
     return sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,7 +167,8 @@ Every run directory holds report.html (open it in a browser), metrics.json, hist
 Run `fopro-kd COMMAND --help` for the options of one command."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands: Sequence[CommandAdder] = ()) -> argparse.ArgumentParser:
+    """The ``fopro-kd`` parser: the library's commands, then each of ``extra_commands`` (``simulate``)."""
     parser = argparse.ArgumentParser(prog="fopro-kd", description="fopro-kd: federated FoPro-KD distillation for "
                                      "long-tailed medical images (train, evaluate, simulate, probe, report).",
                                      epilog=_EPILOG,
@@ -176,18 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "(by default they are shown from WARNING up)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _sub(sub, "train", "single-site training (EKD with one client): select on validation, report on test",
+    p = add_subcommand(sub, "train", "single-site training (EKD with one client): select on validation, report on test",
              "fopro-kd train --config configs/demo.yaml --set train.epochs=2 --out runs/demo")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--out", help="run directory (default: runs/<time>-<name>)")
     p.add_argument("--overwrite", action="store_true",
                    help="train into an --out that already holds a finished run (replaces its best.pt and metrics)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
-    p = _sub(sub, "evaluate", "re-score a saved student checkpoint on one split of the config's data",
+    p = add_subcommand(sub, "evaluate", "re-score a saved student checkpoint on one split of the config's data",
              "fopro-kd evaluate --config configs/demo.yaml --checkpoint runs/demo/best.pt --split test")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="student checkpoint written by a run (RUN_DIR/best.pt); its classes must match the data")
     p.add_argument("--split", choices=["train", "val", "test"], default="test",
@@ -198,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "does not match is always refused")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = _sub(sub, "teacher", "demo teacher utilities", "fopro-kd teacher pretrain --epochs 4")
+    p = add_subcommand(sub, "teacher", "demo teacher utilities", "fopro-kd teacher pretrain --epochs 4")
     tsub = p.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
-    t = _sub(tsub, "pretrain", "pretrain the offline demo teacher on the synthetic public domain",
+    t = add_subcommand(tsub, "pretrain", "pretrain the offline demo teacher on the synthetic public domain",
              "fopro-kd teacher pretrain --arch resnet18 --image-size 48 --force")
     t.add_argument("--arch", default="resnet18", help="timm architecture of the demo teacher (default: resnet18)")
     t.add_argument("--image-size", type=int, default=64, help="input size in pixels (default: 64)")
@@ -210,24 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="retrain even when the cached teacher exists")
     t.set_defaults(func=_cmd_teacher_pretrain)
 
-    p = _sub(sub, "simulate", "cross-site federated simulation (Flower simulation engine)",
-             "fopro-kd simulate --config configs/sim-demo.yaml --set federation.num_rounds=3 --out runs/sim-demo")
-    _add_config_args(p, required=False)
-    p.add_argument("--out", help="run directory (default: runs/<time>-<name>)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in this run directory from its last complete round")
-    p.set_defaults(func=_cmd_simulate)
+    for add in extra_commands:  # e.g. simulations.cli.add_simulate_command (the console script's `simulate`)
+        add(sub)
 
-    p = _sub(sub, "probe", "frequency preference of the teacher on the site's training split",
+    p = add_subcommand(sub, "probe", "frequency preference of the teacher on the site's training split",
              "fopro-kd probe --config configs/demo.yaml --max-images 200 --out runs/probe-demo")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--out", help="output directory (default: runs/<time>-<name>)")
     p.add_argument("--max-images", type=int, metavar="N",
                    help="subsample the training split to N images (class-balanced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_probe)
 
-    p = _sub(sub, "report", "side-by-side table of finished runs (single-site and federated) on one test set",
+    p = add_subcommand(sub, "report", "side-by-side table of finished runs (single-site and federated) on one test set",
              "fopro-kd report runs/a/demo runs/b/demo --format markdown > results.md")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with metrics.json)")
     p.add_argument("--rare-classes", nargs="+", metavar="CLASS",
@@ -242,10 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_commands: Sequence[CommandAdder] = ()) -> int:
+    """Run one command; configuration and weight errors are one line on stderr and exit status 2.
+
+    ``extra_commands``: sub-commands defined above the library (``simulations.cli`` adds ``simulate``).
+    """
     from fopro_kd.logging_setup import configure_logging
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(extra_commands).parse_args(argv)
     configure_logging(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)

@@ -588,7 +588,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    from fopro_kd.cli import main
+    from simulations.cli import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -43,7 +43,7 @@ def _fake_run(path: Path, predicted: list[int], labels: list[int], ids: list[str
 
 
 def test_report_shows_paired_interval_for_runs_on_the_same_test_set(tmp_path: Path, capsys) -> None:
-    from simulations.report import print_report
+    from fopro_kd.report_table import print_report
 
     labels = [0] * 20 + [1] * 20 + [2] * 20
     ids = [f"img{i}" for i in range(60)]

@@ -274,7 +274,7 @@ def test_simulate_log_has_no_duplicate_lines(tmp_path: Path) -> None:
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_federation_values(federation={"num_rounds": 1})))
-    result = subprocess.run([sys.executable, "-m", "fopro_kd.cli", "simulate", "--config", str(config), "--out",
+    result = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--config", str(config), "--out",
                              str(tmp_path / "run")], capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -158,7 +158,7 @@ def test_float16_transfer_federation_halves_the_bytes_and_keeps_float32_master(t
 
 
 def test_report_puts_single_site_and_federated_runs_side_by_side(tmp_path: Path, capsys) -> None:
-    from simulations.report import print_report
+    from fopro_kd.report_table import print_report
 
     single, fed = tmp_path / "single", tmp_path / "fed"
     for path, extra in ((single, {"method": "ekd", "best_epoch": 4}),

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fopro_kd.cli import main as cli_main
+from simulations.cli import main as cli_main
 from fopro_kd.config import Config, config_from_dict
 from server.checkpoints import ResumeError
 from simulations.simulate import run_simulation_from_config, simulate

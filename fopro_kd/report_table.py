@@ -19,6 +19,10 @@ refused by ``fopro-kd report`` (``--allow-mixed`` prints the table under a warni
 Runs are named by their path relative to the runs' common folder (``a/demo``, ``b/demo``), the
 test size and chance level (1 / C) are printed under the table, and ``--format markdown|csv``
 writes the tables for documents and spreadsheets.
+
+Part of the library (it was ``simulations/report.py``): it reads run directories with numpy,
+YAML and :mod:`fopro_kd.stats` only, never Flower, so ``fopro_kd/cli.py`` can offer ``report``
+without importing the simulation layer.
 """
 
 from __future__ import annotations
