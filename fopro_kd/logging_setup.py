@@ -47,14 +47,16 @@ def detach_flower_console() -> bool:
     """
     if not logging.getLogger().handlers:
         return False
-    try:
-        from flwr.supercore.logger import ConsoleHandler
-    except ImportError:  # pragma: no cover - flwr is a dependency
+    # looked up, not imported: the library never imports Flower (tests/test_import_structure.py);
+    # importing flwr loads this module and installs the handler, so without it there is none to remove
+    flower_logger = sys.modules.get("flwr.supercore.logger")
+    if flower_logger is None:
         return False
+    console_handler = flower_logger.ConsoleHandler
     flower = logging.getLogger("flwr")
     removed = False
     for handler in list(flower.handlers):
-        if isinstance(handler, ConsoleHandler):
+        if isinstance(handler, console_handler):
             flower.removeHandler(handler)
             removed = True
     flower.propagate = True
