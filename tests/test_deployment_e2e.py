@@ -1,4 +1,10 @@
-"""Real deployment on loopback: TLS SuperLink + 2 SuperNodes + ``flwr run . <connection> --stream``.
+"""Real deployment on loopback: TLS SuperLink with SuperNode authentication + 2 registered SuperNodes + an
+unregistered intruder + ``flwr run . <connection> --stream``.
+
+The documented path (docs/federation.md §4): ``deploy/make_dev_certs.sh`` for TLS,
+``deploy/make_node_keys.sh`` for the hospitals' key pairs, ``flwr supernode register`` of
+their public keys, ``flower-superlink --enable-supernode-auth``. A third SuperNode that holds
+the CA certificate and a key pair of its own, never registered, must not take part.
 
 Everything runs as subprocesses in their own process groups; the ``finally`` block kills
 every group this test started, even when an assertion or a timeout fails first. Nothing
@@ -94,19 +100,27 @@ def test_tls_deployment_two_supernodes_two_rounds(tmp_path: Path) -> None:
         procs.append(proc)
         return proc, log
 
+    keys = tmp_path / "keys"
+    subprocess.run(["bash", str(REPO / "deploy" / "make_node_keys.sh"), str(keys), "site-0", "site-1", "intruder"],
+                   check=True, capture_output=True, timeout=60)
     try:
         link, link_log = start([
             "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
             "--ssl-keyfile", str(certs / "server.key"), "--host", "127.0.0.1", "--port", str(link_port),
-            "--disable-runtime-dependency-installation",
+            "--disable-runtime-dependency-installation", "--enable-supernode-auth",
         ], "superlink.log")
         wait_for_port(link_port, 60, link, link_log)
-        for k in range(2):
+        for k in range(2):  # the coordinator registers the hospitals' public keys
+            registered = subprocess.run(["flwr", "supernode", "register", str(keys / f"site-{k}.pub"), "e2e"],
+                                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+        for k, name in ((0, "site-0"), (1, "site-1"), (0, "intruder")):
             start([
                 "flower-supernode", "--root-certificates", str(certs / "ca.crt"),
                 "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
-                "--node-config", f"partition-id={k} num-partitions=2 state-dir='{tmp_path / f'state-{k}'}'",
-            ], f"supernode-{k}.log")
+                "--auth-supernode-private-key", str(keys / name),
+                "--node-config", f"partition-id={k} num-partitions=2 state-dir='{tmp_path / f'state-{name}'}'",
+            ], f"supernode-{name}.log")
         run_config = f"config-file='{config_file}' out-dir='{out_dir}'"
         runner, _ = start(["flwr", "run", str(REPO), "e2e", "--stream", "--run-config", run_config], "run.log")
         returncode = runner.wait(timeout=480)
@@ -118,7 +132,15 @@ def test_tls_deployment_two_supernodes_two_rounds(tmp_path: Path) -> None:
         assert set(metrics["per_site"]) == {"site-0", "site-1"}
         assert (out_dir / "history.csv").read_text().count("\n") == 4  # header + rounds 0, 1, 2
         for k in range(2):  # each hospital kept its own state between the two rounds
-            assert list((tmp_path / f"state-{k}").glob(f"run-*/site-{k}/client_state.pt"))
+            assert list((tmp_path / f"state-site-{k}").glob(f"run-*/site-{k}/client_state.pt"))
+        # the unregistered node never trained: no state, and two nodes only in the round (weights of 2 sites)
+        assert not list((tmp_path / "state-intruder").glob("**/client_state.pt")), logs
+        assert sum(1 for w in metrics.get("per_site", {})) == 2
+        listed = subprocess.run(["flwr", "supernode", "list", "e2e", "--format", "json"], capture_output=True,
+                                text=True, env=env, cwd=tmp_path, timeout=120)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        nodes = json.loads(listed.stdout[listed.stdout.index("{"):])["nodes"]
+        assert len(nodes) == 2, f"only the two registered keys may be SuperNodes: {nodes}"
     finally:
         for proc in reversed(procs):
             kill_group(proc)
