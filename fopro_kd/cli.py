@@ -142,6 +142,17 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+SIMULATE_ELSEWHERE = (
+    "'simulate' runs the Flower apps, which the library does not import: run `python -m simulations.cli simulate "
+    "...`, or the fopro-kd console script (pyproject: simulations.cli:main; reinstall with `pip install -e .` if "
+    "yours still points at fopro_kd.cli:main)"
+)
+
+
+def _cmd_simulate_elsewhere(args: argparse.Namespace) -> int:
+    raise ConfigError(SIMULATE_ELSEWHERE)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from fopro_kd.report_table import print_report
 
@@ -214,6 +225,11 @@ def build_parser(extra_commands: Sequence[CommandAdder] = ()) -> argparse.Argume
 
     for add in extra_commands:  # e.g. simulations.cli.add_simulate_command (the console script's `simulate`)
         add(sub)
+    if "simulate" not in sub.choices:  # the library alone: one line saying where the command is, not "invalid choice"
+        p = sub.add_parser("simulate", help="cross-site federated simulation: python -m simulations.cli simulate",
+                           add_help=False, prefix_chars="\0")  # no options: every argument lands in `ignored`
+        p.add_argument("ignored", nargs="*")
+        p.set_defaults(func=_cmd_simulate_elsewhere)
 
     p = add_subcommand(sub, "probe", "frequency preference of the teacher on the site's training split",
              "fopro-kd probe --config configs/demo.yaml --max-images 200 --out runs/probe-demo")

@@ -306,3 +306,15 @@ def test_client_and_server_violations_are_exactly_the_known_ones(
     found = sorted({(e.importer, e.imported) for e in import_edges()
                     if _top(e.importer) == importer and _top(e.imported) == imported})
     _exact_violations(found, known, f"{importer}/ must not import {imported}/")
+
+
+def test_the_library_cli_names_the_simulation_layer_for_simulate(capsys: pytest.CaptureFixture[str]) -> None:
+    """``fopro_kd.cli`` alone has no ``simulate`` (it would import Flower): one clear line says where it is."""
+    from fopro_kd.cli import build_parser, main
+    from simulations.cli import add_simulate_command
+
+    assert main(["simulate", "--config", "configs/sim-demo.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fopro-kd: error: 'simulate' runs the Flower apps") and "simulations.cli" in err, err
+    args = build_parser([add_simulate_command]).parse_args(["simulate", "--out", "runs/x"])
+    assert args.func.__module__ == "simulations.cli" and args.out == "runs/x"
