@@ -467,6 +467,8 @@ def run_scaling(opts: dict[str, Any]) -> dict[str, Any]:
                 f"federation.num_clients={n}", f"federation.min_available_clients={n}",
                 "federation.partition.kind=iid", "federation.partition.min_per_site=1",
                 f"federation.num_rounds={2}",
+                # memory per hospital as in deployment: no state kept in the driver (docs/performance.md, issue 16)
+                "federation.state_persist_every=1", "federation.local_steps=null",
                 *([] if opts["quick"] else ["federation.local_epochs=1"]),
                 *opts.get("overrides", []),
             ]

@@ -98,9 +98,13 @@ def build_models(
     """
     teacher_dim = teacher.feature_dim if teacher is not None else None
     student = build_federated_student(cfg, num_classes, teacher_dim, load_weights=load_weights)
-    prompt = None
-    if cfg.train.method == "fopro-kd":
-        if teacher is None:
-            raise ValueError("train.method 'fopro-kd' needs a teacher")
-        prompt = build_prompt(cfg.prompt, teacher.input_size)
-    return student, prompt
+    return student, build_configured_prompt(cfg, teacher)
+
+
+def build_configured_prompt(cfg: Config, teacher: FrozenTeacher | None) -> FourierPrompt | None:
+    """A fresh Fourier prompt at the teacher's input size for ``fopro-kd``; None for the other methods."""
+    if cfg.train.method != "fopro-kd":
+        return None
+    if teacher is None:
+        raise ValueError("train.method 'fopro-kd' needs a teacher")
+    return build_prompt(cfg.prompt, teacher.input_size)
