@@ -2,7 +2,7 @@
 
 One hospital per node. The node finds its data from its node config (``data-root``,
 ``site-id``, or ``partition-id``/``num-partitions`` in simulation; see
-:mod:`client.data`), trains the student it receives with FoPro-KD (FPG + EKD + optional
+:mod:`fopro_kd.federation.sites`), trains the student it receives with FoPro-KD (FPG + EKD + optional
 AKD) using :class:`~fopro_kd.training.trainer.LocalTrainer`, and replies with
 
 * ``"arrays"``: the student's ``state_dict`` only (the teacher and the prompt stay here);
@@ -56,20 +56,8 @@ import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from client.data import (  # noqa: E402
-    POLICY_FILE_KEY,
-    STATE_DIR_KEY,
-    SiteData,
-    SiteDataError,
-    SiteSpec,
-    config_from_run_config,
-    load_site_data,
-    site_name,
-    site_spec_from_node_config,
-)
 from client.model_cache import reusable_module  # noqa: E402
 from client.state import (  # noqa: E402
-    STATE_KEY,
     ClientState,
     ClientStateStore,
     check_state_key,
@@ -78,9 +66,35 @@ from client.state import (  # noqa: E402
 )
 from fopro_kd.compression import encode_for_transfer, restore_torch_dtypes  # noqa: E402
 from fopro_kd.config import Config  # noqa: E402
-from fopro_kd.federated_prompt import PROMPT_ARRAYS_KEY, PROMPT_EXPLORE_KEY  # noqa: E402
+from fopro_kd.federation.errors import redact_error_reason  # noqa: E402
+from fopro_kd.federation.evaluation import build_global_student, class_correct_counts  # noqa: E402
+from fopro_kd.federation.fedmas import fedmas_robust_factor  # noqa: E402
+from fopro_kd.federation.sites import (  # noqa: E402
+    SiteData,
+    SiteDataError,
+    SiteSpec,
+    config_from_run_config,
+    load_site_data,
+    site_spec_from_node_config,
+)
+from fopro_kd.federation.strategies import FEDMAS_STRATEGY, FEDPROX_STRATEGY, needs_class_counts  # noqa: E402
+from fopro_kd.federation.wire import (  # noqa: E402
+    CLASS_COUNTS_KEY,
+    DECLINE_RECORD_KEY,
+    DP_BUDGET_MARKER,
+    DP_DECLINE_KEY,
+    FEDMAS_RULE_KEY,
+    POLICY_FILE_KEY,
+    PROMPT_ARRAYS_KEY,
+    PROMPT_EXPLORE_KEY,
+    PROXIMAL_MU_KEY,
+    ROBUST_FACTOR_KEY,
+    SERVER_ROUND_KEY,
+    STATE_DIR_KEY,
+    STATE_KEY,
+    site_name,
+)
 from fopro_kd.prompt_objectives import objective_metric_key  # noqa: E402
-from fopro_kd.round_schedule import persists_round  # noqa: E402
 from fopro_kd.privacy.accounting import PrivacyBudgetExhausted, make_accountant  # noqa: E402
 from fopro_kd.privacy.ledger import (  # noqa: E402
     PrivacyLedger,
@@ -89,6 +103,7 @@ from fopro_kd.privacy.ledger import (  # noqa: E402
     fresh_start_requested,
 )
 from fopro_kd.privacy.statistics import statistics_event, statistics_policy  # noqa: E402
+from fopro_kd.round_schedule import persists_round  # noqa: E402
 from fopro_kd.seeding import select_device  # noqa: E402
 from fopro_kd.site_policy import SitePolicyError, SitePolicyViolation, check_site_policy, load_site_policy  # noqa: E402
 from fopro_kd.training.components import (  # noqa: E402
@@ -97,13 +112,8 @@ from fopro_kd.training.components import (  # noqa: E402
     shared_teacher,
     uses_teacher,
 )
-from fopro_kd.training.trainer import EpochResult, LocalTrainer, class_rep_prior  # noqa: E402
-from server.evaluation import build_global_student, class_correct_counts  # noqa: E402
-from server.rounds import DECLINE_RECORD_KEY, DP_BUDGET_MARKER, DP_DECLINE_KEY  # noqa: E402
-from server.strategies import get_strategy_class  # noqa: E402
-from server.strategies.class_balanced import CLASS_COUNTS_KEY  # noqa: E402
-from server.strategies.fedmas import FEDMAS_RULE_KEY, ROBUST_FACTOR_KEY, fedmas_robust_factor  # noqa: E402
-from server.strategies.fedprox import PROXIMAL_MU_KEY  # noqa: E402
+from fopro_kd.training.results import EpochResult, class_rep_prior  # noqa: E402
+from fopro_kd.training.trainer import LocalTrainer  # noqa: E402
 
 logger = logging.getLogger("fopro_kd.federation")
 
@@ -119,7 +129,6 @@ __all__ = [
 ]
 
 CONTEXT_STATE_KEY = "fopro-kd-client"
-SERVER_ROUND_KEY = "server-round"
 
 FaultInjector = Callable[[str, Message, Context, Callable[[], Message]], Message]
 """TEST-ONLY hook type: ``injector(kind, msg, context, handler) -> reply`` (see :func:`make_client_app`)."""
@@ -136,7 +145,7 @@ def shares_class_counts(cfg: Config) -> bool:
     """``federation.share_class_counts``, where None means "only if the strategy needs them"."""
     if cfg.federation.share_class_counts is not None:
         return bool(cfg.federation.share_class_counts)
-    return bool(get_strategy_class(cfg.federation.strategy).needs_class_counts)
+    return needs_class_counts(cfg.federation.strategy)
 
 
 def loss_metric_keys(cfg: Config) -> list[str]:
@@ -144,7 +153,7 @@ def loss_metric_keys(cfg: Config) -> list[str]:
     keys: list[str] = []  # the total is sent as "train-loss"
     if uses_teacher(cfg):
         keys += ["loss_cls", "loss_aux", "loss_rep"]
-    if cfg.federation.strategy == "fedprox":
+    if cfg.federation.strategy == FEDPROX_STRATEGY:
         keys.append("loss_prox")
     if cfg.train.method == "fopro-kd" and cfg.akd.mode != "off":
         keys += [objective_metric_key(cfg.akd.mode), "prompt_reg"]
@@ -267,7 +276,7 @@ def _robust_factor(prior: np.ndarray, result: EpochResult, rule: str) -> float:
 
 def dp_statistics_events(cfg: Config) -> list[tuple[float, float, int]]:
     """Statistics releases of one round besides DP-SGD: FedMAS' prior and state with ``statistics: noised``."""
-    k = 2 if cfg.federation.strategy == "fedmas" and statistics_policy(cfg) == "noised" else 0
+    k = 2 if cfg.federation.strategy == FEDMAS_STRATEGY and statistics_policy(cfg) == "noised" else 0
     return [statistics_event(cfg)] * k
 
 
@@ -284,7 +293,7 @@ def _dp_train_metrics(
         "train-seconds": float(train_seconds),
         "site-id": int(spec.site_id),
     }
-    if cfg.federation.strategy == "fedmas":
+    if cfg.federation.strategy == FEDMAS_STRATEGY:
         metrics[ROBUST_FACTOR_KEY] = float(rho if rho is not None else 0.0)
     if shares_class_counts(cfg) and counts is not None:
         metrics[CLASS_COUNTS_KEY] = [max(0, int(round(c))) for c in counts]  # post-processing of the release
@@ -330,7 +339,7 @@ def _free_dp_buffers(trainer: LocalTrainer) -> None:
     """Drop Opacus' per-sample gradients (B × #params floats) and the trainer's reference cycles now.
 
     After the last DP-SGD step every student parameter still holds ``grad_sample`` /
-    ``summed_grad``; the trainer and its ``DPContext`` refer to each other, so without an
+    ``summed_grad`` and the DP optimizers hold the parameters; without dropping them and an
     explicit collection a simulation actor that serves several sites keeps gigabytes alive
     (a Ray actor reached 7.7 GB on configs/sim-demo-dp.yaml and was killed for memory).
     """
@@ -422,7 +431,7 @@ def handle_train(
     exploring_shared_prompt = _use_federated_prompt(msg, config, cfg, trainer)
 
     dp = trainer.dp  # privacy.mode local: DP-SGD state; its accountant is the ledger's, never the state's
-    fedmas = cfg.federation.strategy == "fedmas"
+    fedmas = cfg.federation.strategy == FEDMAS_STRATEGY
     epochs, max_steps = local_schedule(cfg, len(data.train))
     charged: list[tuple[float, float, int]] = []
     if dp is not None:
@@ -555,11 +564,9 @@ def _with_node_context(fn: Callable[[], Message], context: Context) -> Message:
     """Run a handler; re-raise failures with the node and site in the message (it becomes the error reply).
 
     The full error (traceback, local paths) is logged here, on the site; what is raised, and so
-    sent to the server, is passed through :func:`server.validation.redact_error_reason`: no
+    sent to the server, is passed through :func:`fopro_kd.federation.errors.redact_error_reason`: no
     traceback, every absolute path replaced by ``<path>`` (issue 14).
     """
-    from server.validation import redact_error_reason
-
     try:
         return fn()
     except (SiteSkipped, SiteDataError) as exc:

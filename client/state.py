@@ -50,6 +50,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fopro_kd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fopro_kd.federation.wire import STATE_KEY
 
 logger = logging.getLogger("fopro_kd.federation")
 
@@ -65,8 +66,6 @@ __all__ = [
 ]
 
 CLIENT_STATE_FORMAT = "fopro-kd-client-state/1"
-STATE_KEY = "state-key"
-"""Train-config key: the run's client-state folder name, chosen by the server and kept across a resume."""
 MEMORY_STATE_KEY = "fopro-kd-client-state"
 """``context.state`` record holding a simulated site's serialised state between persists."""
 STATE_FILE = "client_state.pt"

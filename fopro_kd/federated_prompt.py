@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fopro_kd.federation.wire import PROMPT_ARRAYS_KEY, PROMPT_EXPLORE_KEY
 from fopro_kd.config import Config, ConfigError, PromptConfig
 
 __all__ = [
@@ -41,10 +42,6 @@ __all__ = [
     "prompt_parameter_count",
 ]
 
-PROMPT_ARRAYS_KEY = "prompt"
-"""ArrayRecord key of the prompt's parameters, both ways."""
-PROMPT_EXPLORE_KEY = "prompt-explore"
-"""ConfigRecord key: 1 while the round explores the prompt, 0 after."""
 MAX_FEDERATED_PROMPT_PARAMS = 100_000
 """A prompt with more parameters than this is not sent every round (a ``free`` mask at 224 px has
 3 x 224 x 113 = 75,936; at 448 px four times more): use ``radial`` (K x 3) or ``generator``."""

@@ -28,7 +28,7 @@ from typing import Any
 from flwr.app import Message, MetricRecord
 from flwr.common import log
 
-from client.data import site_name
+from fopro_kd.federation.wire import site_name
 
 __all__ = ["RoundLog", "RoundRecorder"]
 

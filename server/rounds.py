@@ -57,10 +57,10 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from client.data import site_name
+from fopro_kd.federation.wire import DECLINE_RECORD_KEY, DP_BUDGET_MARKER, DP_DECLINE_KEY, site_name
 
 from server.history import RoundRecorder
-from server.validation import redact_error_reason
+from fopro_kd.federation.errors import redact_error_reason
 
 __all__ = [
     "DECLINE_RECORD_KEY",
@@ -79,11 +79,6 @@ __all__ = [
     "undecodable_reason",
 ]
 
-DP_DECLINE_KEY = "dp-budget-exhausted"
-"""Metric of a budget-decline reply (value 1)."""
-DECLINE_RECORD_KEY = "decline"
-"""ConfigRecord of a budget-decline reply; its ``"reason"`` names epsilon so far and the target."""
-DP_BUDGET_MARKER = "dp budget exhausted"
 NUM_EXAMPLES = "num-examples"
 
 

@@ -41,8 +41,8 @@ import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from client.data import RUN_CONFIG_OUT_DIR_KEY, cached_splits, config_from_run_config  # noqa: E402
-from client.state import STATE_KEY  # noqa: E402
+from fopro_kd.federation.sites import cached_splits, config_from_run_config  # noqa: E402
+from fopro_kd.federation.wire import RUN_CONFIG_OUT_DIR_KEY, RUN_CONFIG_RESUME_DIR_KEY, STATE_KEY  # noqa: E402
 from fopro_kd.federated_prompt import check_federated_prompt, explore_rounds  # noqa: E402
 from fopro_kd.checkpoint import save_checkpoint  # noqa: E402
 from fopro_kd.config import Config, ConfigError  # noqa: E402
@@ -66,7 +66,7 @@ from fopro_kd.training.single_site import (  # noqa: E402
     evaluate_student,
     student_checkpoint,
 )
-from server.evaluation import build_global_student, site_metrics_from_counts  # noqa: E402
+from fopro_kd.federation.evaluation import build_global_student, site_metrics_from_counts  # noqa: E402
 from server.checkpoints import (  # noqa: E402
     ResumeError,
     ServerCheckpointStore,
@@ -104,9 +104,6 @@ __all__ = [
     "make_server_app",
     "run_federation",
 ]
-
-RUN_CONFIG_RESUME_DIR_KEY = "resume-dir"
-"""Run-config key of ``flwr run``: absolute run directory to continue from its last complete round."""
 
 
 # --------------------------------------------------------------------------- start-up checks

@@ -61,7 +61,7 @@ def _global_model(opts: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor], s
         payload = load_checkpoint(run_dir / "best.pt", expected_format=STUDENT_FORMAT)
         return cfg, payload["state_dict"], f"best.pt of {run_dir} (round {payload.get('round')})", run_dir
     if opts["quick"]:
-        from server.evaluation import build_global_student
+        from fopro_kd.federation.evaluation import build_global_student
         from simulations.bench_sim import QUICK_CONFIG
 
         cfg = config_from_dict(QUICK_CONFIG)
@@ -90,7 +90,7 @@ def _short_simulation(opts: dict[str, Any]) -> tuple[Path, Path]:
 def _predict(cfg, state: dict[str, torch.Tensor], splits, device: torch.device) -> tuple[dict[str, Any], np.ndarray]:
     from fopro_kd.metrics import compute_metrics
     from fopro_kd.training.trainer import predict
-    from server.evaluation import build_global_student
+    from fopro_kd.federation.evaluation import build_global_student
 
     student = build_global_student(cfg, splits.train.num_classes)
     student.load_state_dict(state)

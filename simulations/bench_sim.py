@@ -44,7 +44,7 @@ QUICK_CONFIG: dict[str, Any] = tiny_federation_values(federation={"partition": {
 
 _CHILD = r"""
 import json, resource, sys
-from fopro_kd.cli import main
+from simulations.cli import main
 rc = main(sys.argv[2:])
 ru_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 ru_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -300,12 +300,12 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
 
     from flwr.app import RecordDict
 
-    from client.data import SiteSpec, load_site_data
+    from fopro_kd.federation.sites import SiteSpec, load_site_data
     from client.state import ClientState, ClientStateStore
     from fopro_kd.config import load_config
     from fopro_kd.training.components import build_models, shared_teacher
-    from fopro_kd.training.trainer import LocalTrainer, class_rep_prior  # noqa: F401
-    from server.evaluation import build_global_student, class_correct_counts
+    from fopro_kd.training.trainer import LocalTrainer
+    from fopro_kd.federation.evaluation import build_global_student, class_correct_counts
 
     cfg = load_config(config, overrides)
     device = torch.device("cpu")

@@ -11,7 +11,7 @@ Phases (each a small function):
    (docs/reliability.md); Ray is always shut down afterwards, also after a failure.
 
 Client processes rebuild their partition from ``(config, partition-id)``
-(:mod:`client.data`); no dataset is pickled into Ray.
+(:mod:`fopro_kd.federation.sites`); no dataset is pickled into Ray.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = ["EXIT_ABORTED", "run_simulation_from_config", "simulate", "write_site
 
 def write_site_histograms(cfg: Config, run: RunDir) -> dict[str, dict[str, int]]:
     """Plan the sites, print a class-count table and write ``site_histograms.json`` + plot."""
-    from client.data import cached_splits, plan_sites, site_name
+    from fopro_kd.federation.sites import cached_splits, plan_sites, site_name
     from fopro_kd.plots import plot_class_histograms
 
     splits = cached_splits(cfg)

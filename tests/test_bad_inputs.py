@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from PIL import Image
 
-from client.data import SiteDataError, load_site_data, site_spec_from_node_config
+from fopro_kd.federation.sites import SiteDataError, load_site_data, site_spec_from_node_config
 from client.state import ClientState, ClientStateStore
 from fopro_kd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fopro_kd.config import Config, ConfigError, TeacherConfig, config_from_dict, load_config
@@ -475,7 +475,7 @@ def _train_instruction(arrays: ArrayRecord | None, node: int, **config: Any) -> 
 
 def test_client_refuses_bad_instructions_naming_the_node(tmp_path: Path) -> None:
     from client.client_app import make_client_app
-    from server.evaluation import build_global_student
+    from fopro_kd.federation.evaluation import build_global_student
 
     cfg = tiny()
     app = make_client_app(cfg, state_root=tmp_path / "state")

@@ -12,11 +12,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from client import client_app as client_module
 from client.client_app import SiteSkipped, loss_metric_keys, make_client_app, shares_class_counts
-from client.data import SiteData, SiteDataError, config_from_run_config, site_spec_from_node_config
+from fopro_kd.federation.sites import SiteData, SiteDataError, config_from_run_config, site_spec_from_node_config
 from client.state import ClientStateStore
 from fopro_kd.config import Config, ConfigError, apply_overrides
 from fopro_kd.data.synthetic import make_synthetic_imageset
-from server.evaluation import build_global_student
+from fopro_kd.federation.evaluation import build_global_student
 
 from fopro_kd.compression import encode_for_transfer  # noqa: E402
 from federation_helpers import NUM_SITES, fake_task_identity, preserved_torch_threads  # noqa: E402
@@ -257,4 +257,4 @@ def test_config_from_run_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="relative"):
         config_from_run_config({"config-file": "configs/no-such-file.yaml"})
     shipped = config_from_run_config({"config-file": "configs/sim-demo.yaml"})  # resolved inside the app
-    assert shipped.federation.num_clients == 5
+    assert shipped.federation.num_clients == 4

@@ -30,7 +30,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from client.data import clear_caches
+from fopro_kd.federation.sites import clear_caches
 from fopro_kd.checkpoint import load_checkpoint
 from fopro_kd.config import Config, config_from_dict
 from fopro_kd.run_dir import RunDir

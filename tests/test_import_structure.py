@@ -241,11 +241,8 @@ def test_the_walker_sees_function_level_relative_and_string_imports() -> None:
 # --------------------------------------------------------------------------- the rules
 
 
-KNOWN_LIBRARY_VIOLATIONS: list[tuple[str, str]] = [
-    # feature_probe.run_federated plans the sites with client.data.plan_sites (Flower-free code that
-    # lives in the app layer); it goes when site planning moves into the library (issue 15, step 1)
-    ("fopro_kd.privacy.feature_probe", "client.data"),
-]
+KNOWN_LIBRARY_VIOLATIONS: list[tuple[str, str]] = []
+"""Empty since site planning moved into the library (fopro_kd/federation/sites.py, issue 15 step 1)."""
 
 
 def _exact_violations(found: list[tuple[str, str]], known: list[tuple[str, str]], rule: str) -> None:
@@ -272,22 +269,10 @@ def test_there_is_no_import_cycle_among_project_modules() -> None:
     assert cycles == [], "import cycles:\n" + "\n".join(_describe(c, edges) for c in cycles)
 
 
-# (importer, imported module) as found on the tree of 2026-12-01 (issue 15 under way); shrink to []
-KNOWN_CLIENT_TO_SERVER: list[tuple[str, str]] = [
-    ("client.client_app", "server.evaluation"),
-    ("client.client_app", "server.rounds"),
-    ("client.client_app", "server.strategies"),
-    ("client.client_app", "server.strategies.class_balanced"),
-    ("client.client_app", "server.strategies.fedmas"),
-    ("client.client_app", "server.strategies.fedprox"),
-    ("client.client_app", "server.validation"),
-]
-KNOWN_SERVER_TO_CLIENT: list[tuple[str, str]] = [
-    ("server.history", "client.data"),
-    ("server.rounds", "client.data"),
-    ("server.server_app", "client.data"),
-    ("server.server_app", "client.state"),
-]
+# Both empty since the protocol layer (fopro_kd/federation/) holds what both apps share (issue 15 step 1);
+# the exact-list check stays so that any new client<->server import fails here.
+KNOWN_CLIENT_TO_SERVER: list[tuple[str, str]] = []
+KNOWN_SERVER_TO_CLIENT: list[tuple[str, str]] = []
 
 
 @pytest.mark.parametrize(

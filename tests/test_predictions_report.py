@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from client.client_app import make_client_app
-from client.data import cached_splits
+from fopro_kd.federation.sites import cached_splits
 from fopro_kd.stats import balanced_accuracy, load_predictions, save_predictions
 from server.server_app import run_federation
 

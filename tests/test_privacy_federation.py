@@ -27,12 +27,13 @@ from fopro_kd.privacy import central_epsilon
 from fopro_kd.privacy.statistics import REP_LOSS_BOUND, class_means_from_release
 from fopro_kd.privacy.surgery import has_batchnorm
 from fopro_kd.training.components import build_models
-from server.evaluation import build_global_student
+from fopro_kd.federation.evaluation import build_global_student
 from server.server_app import run_federation
 from server.strategies.base import ValidatedWeightedAvg
 from server.strategies.central_dp import CentralDP
 from server.strategies.fedavg import FedAvgStrategy
-from server.strategies.fedmas import FedMASStrategy, fedmas_robust_factor
+from fopro_kd.federation.fedmas import fedmas_robust_factor
+from server.strategies.fedmas import FedMASStrategy
 
 from federation_helpers import NUM_SITES, LocalGrid, aggregate_one_round, fake_task_identity, preserved_torch_threads  # noqa: E402
 from federation_helpers import tiny_values as shared_tiny_values  # noqa: E402

@@ -28,7 +28,7 @@ from fopro_kd.privacy.ledger import (
     events_since,
     fresh_start_requested,
 )
-from server.evaluation import build_global_student
+from fopro_kd.federation.evaluation import build_global_student
 
 from federation_helpers import NUM_SITES, fake_task_identity, preserved_torch_threads  # noqa: E402
 from federation_helpers import tiny_values as shared_tiny_values  # noqa: E402

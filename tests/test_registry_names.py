@@ -37,7 +37,7 @@ def _strategies() -> list[str]:
 
 
 def _fedmas_rules() -> list[str]:
-    from server.strategies.fedmas import FEDMAS_RULES
+    from fopro_kd.federation.fedmas import FEDMAS_RULES
 
     return list(FEDMAS_RULES)
 
@@ -170,3 +170,14 @@ def test_config_rejects_an_unknown_name_naming_the_field_and_the_nearest_valid_o
     assert f"'{path}'" in message and all(repr(n) in message for n in registered), message
     hint = re.search(r"did you mean '([^']+)'\?", message)
     assert hint is not None and hint.group(1) in registered, message
+
+
+def test_strategy_traits_of_the_protocol_agree_with_the_server_classes() -> None:
+    """The client reads ``needs_class_counts`` from fopro_kd/federation/strategies.py, the server from its classes."""
+    from fopro_kd.federation.strategies import CLASS_COUNT_STRATEGIES, FEDMAS_STRATEGY, FEDPROX_STRATEGY, needs_class_counts
+    from server.strategies import STRATEGIES, FedMASStrategy, FedProxStrategy
+
+    for name, cls in STRATEGIES.items():
+        assert needs_class_counts(name) == bool(cls.needs_class_counts), name
+    assert CLASS_COUNT_STRATEGIES <= set(STRATEGIES)
+    assert STRATEGIES[FEDMAS_STRATEGY] is FedMASStrategy and STRATEGIES[FEDPROX_STRATEGY] is FedProxStrategy

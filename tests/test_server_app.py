@@ -13,11 +13,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from client.client_app import make_client_app
-from client.data import cached_splits
+from fopro_kd.federation.sites import cached_splits
 from fopro_kd.checkpoint import load_checkpoint
 from fopro_kd.config import Config, ConfigError, MetricsConfig
 from fopro_kd.run_dir import RunDir
-from server.evaluation import build_global_student, site_metrics_from_counts
+from fopro_kd.federation.evaluation import build_global_student, site_metrics_from_counts
 from server.history import RoundRecorder
 from server.server_app import ServerEvaluator, check_federation_config, run_federation
 

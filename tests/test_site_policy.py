@@ -10,10 +10,10 @@ import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import SiteSkipped, make_client_app
-from client.data import SiteDataError
+from fopro_kd.federation.sites import SiteDataError
 from fopro_kd.config import Config, config_from_dict
 from fopro_kd.site_policy import SitePolicyError, SitePolicyViolation, check_site_policy, load_site_policy
-from server.evaluation import build_global_student
+from fopro_kd.federation.evaluation import build_global_student
 from simulations.tiny_federation import tiny_federation_values
 
 from federation_helpers import fake_task_identity, preserved_torch_threads  # noqa: E402

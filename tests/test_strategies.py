@@ -18,9 +18,9 @@ from server.strategies import (
     FedProxStrategy,
     ValidatedWeightedAvg,
     build_strategy,
-    fedmas_robust_factor,
     list_strategies,
 )
+from fopro_kd.federation.fedmas import fedmas_robust_factor
 from server.strategies.class_balanced import effective_number_weights
 from server.strategies.fedmas import drw_effective_weights
 

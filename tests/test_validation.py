@@ -201,7 +201,7 @@ def test_bounded_wait_grid_raises_after_the_bound_and_resets_when_nodes_return()
 
 
 def test_redact_error_reason_drops_tracebacks_and_paths():
-    from server.validation import redact_error_reason
+    from fopro_kd.federation.errors import redact_error_reason
 
     ray_like = ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. "
                 "Message: node 1002 (site-2): FileNotFoundError: /data/hospital-b/ham10000/ISIC_0024306.jpg\n"
@@ -217,7 +217,7 @@ def test_redact_error_reason_drops_tracebacks_and_paths():
 def test_redact_error_reason_keeps_the_message_of_a_ray_wrapped_error():
     """The reason Flower's simulation engine builds from a RayTaskError (captured from Ray 2.55): the site's
     message comes last, after the actor header, banners and caret lines; it must survive redaction."""
-    from server.validation import redact_error_reason
+    from fopro_kd.federation.errors import redact_error_reason
 
     ray_reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::A.run()\x1b[39m (pid=12699, "
                   "ip=192.0.2.2, actor_id=2968171ea3528a6c8627c62401000000, repr=<__main__.A object at 0x7f31>)\n\n"

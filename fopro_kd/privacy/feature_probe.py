@@ -471,7 +471,7 @@ def run_federated(cfg: Config, record: dict[str, Any], epsilon: float | None, se
     sites' *released* class counts (noised, floored at 1) under DP, true counts otherwise.
     Selection: none, the last round's model is reported on the server's balanced test split.
     """
-    from client.data import plan_sites
+    from fopro_kd.federation.sites import plan_sites
 
     splits = record["splits"]
     setting = _setting_cfg(cfg, epsilon, seed)

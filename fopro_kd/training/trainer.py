@@ -14,8 +14,7 @@ after each ``batch_loader``) that the trainer applies to its own fields.
 
 :class:`~fopro_kd.training.results.EpochResult` and
 :func:`~fopro_kd.training.results.class_rep_prior` live in :mod:`fopro_kd.training.results`
-(the DP code needs them without the trainer); they are imported here as well because the
-federated client imports them from this module.
+(the DP code and the federated client need them without the trainer).
 """
 
 from __future__ import annotations
@@ -45,10 +44,10 @@ from fopro_kd.training.feature_cache import (
     check_cache_size,
 )
 from fopro_kd.training.precision import autocast_context
-from fopro_kd.training.results import EpochResult, class_rep_prior
+from fopro_kd.training.results import EpochResult
 from fopro_kd.training.teacher_view import teacher_features, teacher_targets
 
-__all__ = ["EpochResult", "LocalTrainer", "autocast_context", "class_rep_prior", "make_optimizer", "predict"]
+__all__ = ["LocalTrainer", "make_optimizer", "predict"]
 
 
 def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float, momentum: float):

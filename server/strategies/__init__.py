@@ -13,7 +13,7 @@ from typing import Any
 from server.strategies.base import ValidatedWeightedAvg
 from server.strategies.class_balanced import ClassBalancedStrategy
 from server.strategies.fedavg import FedAvgStrategy
-from server.strategies.fedmas import FedMASStrategy, fedmas_robust_factor
+from server.strategies.fedmas import FedMASStrategy
 from server.strategies.fedprox import FedProxStrategy
 from server.strategies.robust import MedianStrategy, TrimmedMeanStrategy
 
@@ -27,7 +27,6 @@ __all__ = [
     "TrimmedMeanStrategy",
     "ValidatedWeightedAvg",
     "build_strategy",
-    "fedmas_robust_factor",
     "get_strategy_class",
     "list_strategies",
 ]

@@ -37,12 +37,12 @@ import numpy as np
 from flwr.app import MetricRecord
 from flwr.common import log
 
+from fopro_kd.federation.wire import CLASS_COUNTS_KEY
 from server.strategies.base import ValidatedWeightedAvg
 from server.validation import NUM_EXAMPLES_KEY
 
 __all__ = ["CLASS_COUNTS_KEY", "ClassBalancedStrategy", "effective_number_weights"]
 
-CLASS_COUNTS_KEY = "class-counts"
 
 
 def effective_number_weights(counts: np.ndarray, beta: float) -> np.ndarray:

@@ -17,11 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fopro_kd.federation.wire import PROXIMAL_MU_KEY
 from server.strategies.fedavg import FedAvgStrategy
 
 __all__ = ["PROXIMAL_MU_KEY", "FedProxStrategy"]
 
-PROXIMAL_MU_KEY = "proximal-mu"
 
 
 class FedProxStrategy(FedAvgStrategy):

@@ -23,7 +23,7 @@ from fopro_kd.config import Config, MetricsConfig
 from fopro_kd.data.dataset import ImageSet
 from fopro_kd.metrics import shot_groups
 from fopro_kd.models.student import EKDStudent
-from fopro_kd.models.teacher import create_timm_model, feature_dim_of
+from fopro_kd.models.weights import create_timm_model, feature_dim_of
 from fopro_kd.training.components import build_federated_student, uses_teacher
 from fopro_kd.training.trainer import predict
 
@@ -52,7 +52,7 @@ def build_global_student(
     """The federated student (heads included) as every site builds it; seeded for the initial model.
 
     With ``privacy.mode`` ``local`` or ``central`` this is the DP (GroupNorm, out-of-place)
-    student of :func:`fopro_kd.privacy.build_dp_student`, the architecture every client's
+    student of :func:`fopro_kd.training.components.build_dp_student`, the architecture every client's
     :func:`~fopro_kd.training.components.build_models` trains in DP mode (docs/privacy.md).
     ``load_weights=False``: architecture only (the caller loads the global arrays into it).
     """

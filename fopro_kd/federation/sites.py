@@ -1,7 +1,7 @@
 """Which images a federated node trains and tests on, rebuilt deterministically in every process.
 
-Nothing here imports Flower: the simulation driver (``simulations/simulate.py``) and the
-ClientApp call the same functions, so the class histograms printed before a simulation
+Nothing here imports Flower: the simulation driver (``simulations/simulate.py``), the
+ServerApp (its held-out splits) and the ClientApp call the same functions, so the class histograms printed before a simulation
 are exactly the data the virtual hospitals train on.
 
 Why rebuild instead of shipping data: in simulation, Ray actors must not receive pickled
@@ -29,6 +29,15 @@ from fopro_kd.data import build_splits
 from fopro_kd.data.dataset import DatasetSplits, ImageSet
 from fopro_kd.data.partition import partition_indices, split_local_test
 from fopro_kd.data.synthetic import SCANNER_STYLES, make_synthetic_imageset
+from fopro_kd.federation.wire import (
+    DATA_ROOT_KEY,
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    RUN_CONFIG_FILE_KEY,
+    RUN_CONFIG_OVERRIDES_KEY,
+    SITE_ID_KEY,
+    site_name,
+)
 
 logger = logging.getLogger("fopro_kd.federation")
 
@@ -41,18 +50,10 @@ __all__ = [
     "config_key",
     "load_site_data",
     "plan_sites",
-    "site_name",
     "site_spec_from_node_config",
 ]
 
-# Node-config keys (kebab-case, as Flower's node config); converted once, here.
-DATA_ROOT_KEY = "data-root"
-SITE_ID_KEY = "site-id"
-PARTITION_ID_KEY = "partition-id"
-NUM_PARTITIONS_KEY = "num-partitions"
-STATE_DIR_KEY = "state-dir"
-POLICY_FILE_KEY = "policy-file"
-"""The hospital's own site policy (fopro_kd/site_policy.py), checked before every instruction is answered."""
+# Node-config keys are read (converted once) here; their names live in fopro_kd/federation/wire.py.
 
 
 class SiteDataError(ValueError):
@@ -108,11 +109,6 @@ class SiteData:
 
     def class_counts(self) -> np.ndarray:
         return self.train.class_counts()
-
-
-def site_name(site_id: int) -> str:
-    """Display name of a site in history columns and reports (``site-<id>``)."""
-    return f"site-{int(site_id)}"
 
 
 def config_key(cfg: Config) -> str:
@@ -303,9 +299,6 @@ def load_site_data(cfg: Config, spec: SiteSpec) -> SiteData:
 # --------------------------------------------------------------------------- run config
 
 
-RUN_CONFIG_FILE_KEY = "config-file"
-RUN_CONFIG_OVERRIDES_KEY = "overrides"
-RUN_CONFIG_OUT_DIR_KEY = "out-dir"
 
 _CONFIGS: dict[tuple[str, tuple[str, ...]], Config] = {}
 
@@ -330,7 +323,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> Config:
             f"or a path inside the app such as '{RUN_CONFIG_FILE_KEY}=\"configs/sim-demo.yaml\"'"
         )
     if not Path(path).is_absolute():
-        app_root = Path(__file__).resolve().parents[1]
+        app_root = Path(__file__).resolve().parents[2]  # <app>/fopro_kd/federation/sites.py
         resolved = app_root / path
         if not resolved.is_file():
             raise ConfigError(
