@@ -57,6 +57,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from client.model_cache import reusable_module  # noqa: E402
+from client.strategy_hooks import RoundInputs, client_hook  # noqa: E402
 from client.state import (  # noqa: E402
     ClientState,
     ClientStateStore,
@@ -68,7 +69,6 @@ from fopro_kd.compression import encode_for_transfer, restore_torch_dtypes  # no
 from fopro_kd.config import Config  # noqa: E402
 from fopro_kd.federation.errors import redact_error_reason  # noqa: E402
 from fopro_kd.federation.evaluation import build_global_student, class_correct_counts  # noqa: E402
-from fopro_kd.federation.fedmas import fedmas_robust_factor  # noqa: E402
 from fopro_kd.federation.sites import (  # noqa: E402
     SiteData,
     SiteDataError,
@@ -77,17 +77,15 @@ from fopro_kd.federation.sites import (  # noqa: E402
     load_site_data,
     site_spec_from_node_config,
 )
-from fopro_kd.federation.strategies import FEDMAS_STRATEGY, FEDPROX_STRATEGY, needs_class_counts  # noqa: E402
+from fopro_kd.federation.strategies import needs_class_counts  # noqa: E402
 from fopro_kd.federation.wire import (  # noqa: E402
     CLASS_COUNTS_KEY,
     DECLINE_RECORD_KEY,
     DP_BUDGET_MARKER,
     DP_DECLINE_KEY,
-    FEDMAS_RULE_KEY,
     POLICY_FILE_KEY,
     PROMPT_ARRAYS_KEY,
     PROMPT_EXPLORE_KEY,
-    PROXIMAL_MU_KEY,
     ROBUST_FACTOR_KEY,
     SERVER_ROUND_KEY,
     STATE_DIR_KEY,
@@ -102,7 +100,7 @@ from fopro_kd.privacy.ledger import (  # noqa: E402
     events_since,
     fresh_start_requested,
 )
-from fopro_kd.privacy.statistics import statistics_event, statistics_policy  # noqa: E402
+from fopro_kd.privacy.statistics import statistics_event  # noqa: E402
 from fopro_kd.round_schedule import persists_round  # noqa: E402
 from fopro_kd.seeding import select_device  # noqa: E402
 from fopro_kd.site_policy import SitePolicyError, SitePolicyViolation, check_site_policy, load_site_policy  # noqa: E402
@@ -112,7 +110,7 @@ from fopro_kd.training.components import (  # noqa: E402
     shared_teacher,
     uses_teacher,
 )
-from fopro_kd.training.results import EpochResult, class_rep_prior  # noqa: E402
+from fopro_kd.training.results import EpochResult  # noqa: E402
 from fopro_kd.training.trainer import LocalTrainer  # noqa: E402
 
 logger = logging.getLogger("fopro_kd.federation")
@@ -153,8 +151,7 @@ def loss_metric_keys(cfg: Config) -> list[str]:
     keys: list[str] = []  # the total is sent as "train-loss"
     if uses_teacher(cfg):
         keys += ["loss_cls", "loss_aux", "loss_rep"]
-    if cfg.federation.strategy == FEDPROX_STRATEGY:
-        keys.append("loss_prox")
+    keys += list(client_hook(cfg.federation.strategy).loss_terms)  # e.g. FedProx's loss_prox
     if cfg.train.method == "fopro-kd" and cfg.akd.mode != "off":
         keys += [objective_metric_key(cfg.akd.mode), "prompt_reg"]
     return keys
@@ -178,8 +175,8 @@ def _configure_threads(cfg: Config) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _site(context: Context, cfg: Config, kind: str) -> tuple[SiteSpec, SiteData]:
-    """The node's site and data, after its site policy (node config ``policy-file``) allowed the instruction.
+def _checked_spec(context: Context, cfg: Config, kind: str) -> SiteSpec:
+    """The node's site, after its site policy (node config ``policy-file``) allowed the instruction.
 
     The policy is read and checked before any image is read: a run that breaks it gets an
     error reply naming the rule (:class:`~fopro_kd.site_policy.SitePolicyViolation`), and an
@@ -194,7 +191,7 @@ def _site(context: Context, cfg: Config, kind: str) -> tuple[SiteSpec, SiteData]
                               data_root=spec.data_root)
         except (SitePolicyError, SitePolicyViolation) as exc:
             raise SiteSkipped(f"{spec.node}: {exc}") from exc
-    return spec, load_site_data(cfg, spec)
+    return spec
 
 
 def _state_root(context: Context, state_root: Path | None) -> Path:
@@ -266,22 +263,14 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
-def _robust_factor(prior: np.ndarray, result: EpochResult, rule: str) -> float:
-    """FedMAS step 3 from the prior (step 1) and the per-class state accumulated in training (step 2)."""
-    assert result.class_rep_sum is not None and result.class_seen is not None
-    seen = result.class_seen.astype(np.float64)
-    state = np.divide(result.class_rep_sum, seen, out=np.full_like(result.class_rep_sum, np.nan), where=seen > 0)
-    return float(fedmas_robust_factor(prior, state, rule))
-
-
 def dp_statistics_events(cfg: Config) -> list[tuple[float, float, int]]:
-    """Statistics releases of one round besides DP-SGD: FedMAS' prior and state with ``statistics: noised``."""
-    k = 2 if cfg.federation.strategy == FEDMAS_STRATEGY and statistics_policy(cfg) == "noised" else 0
-    return [statistics_event(cfg)] * k
+    """Statistics releases of one round besides DP-SGD (the strategy's hook: FedMAS' prior and state when noised)."""
+    return [statistics_event(cfg)] * client_hook(cfg.federation.strategy).statistics_releases(cfg)
 
 
 def _dp_train_metrics(
-    cfg: Config, spec: SiteSpec, trainer: LocalTrainer, result: EpochResult, train_seconds: float, rho: float | None
+    cfg: Config, spec: SiteSpec, trainer: LocalTrainer, result: EpochResult, train_seconds: float,
+    strategy_metrics: dict[str, Any],
 ) -> MetricRecord:
     """``privacy.mode: local``: only values covered by the DP guarantee (or public), see the module docstring."""
     dp = trainer.dp
@@ -293,8 +282,7 @@ def _dp_train_metrics(
         "train-seconds": float(train_seconds),
         "site-id": int(spec.site_id),
     }
-    if cfg.federation.strategy == FEDMAS_STRATEGY:
-        metrics[ROBUST_FACTOR_KEY] = float(rho if rho is not None else 0.0)
+    metrics.update(strategy_metrics)  # the hook's values: released statistics only (FedMAS: noised or 0.0)
     if shares_class_counts(cfg) and counts is not None:
         metrics[CLASS_COUNTS_KEY] = [max(0, int(round(c))) for c in counts]  # post-processing of the release
     metrics.update(dp.metrics())  # after every release of the round: epsilon spent so far
@@ -302,7 +290,8 @@ def _dp_train_metrics(
 
 
 def _train_metrics(
-    cfg: Config, spec: SiteSpec, data: SiteData, result: EpochResult, train_seconds: float, rho: float | None
+    cfg: Config, spec: SiteSpec, data: SiteData, result: EpochResult, train_seconds: float,
+    strategy_metrics: dict[str, Any],
 ) -> MetricRecord:
     metrics: dict[str, Any] = {
         "num-examples": int(len(data.train)),
@@ -314,8 +303,7 @@ def _train_metrics(
     }
     for key in loss_metric_keys(cfg):
         metrics[key.replace("_", "-")] = float(result.losses.get(key, 0.0))
-    if rho is not None:
-        metrics[ROBUST_FACTOR_KEY] = float(rho)
+    metrics.update(strategy_metrics)
     if shares_class_counts(cfg):
         metrics[CLASS_COUNTS_KEY] = [int(c) for c in data.class_counts()]
     return MetricRecord(metrics)
@@ -390,7 +378,11 @@ def handle_train(
     to disk only in the rounds of :func:`fopro_kd.round_schedule.persists_round`.
     """
     _configure_threads(cfg)
-    spec, data = _site(context, cfg, "train")
+    spec = _checked_spec(context, cfg, "train")
+    # the teacher before the data: a missing or mismatched teacher file fails before any image is decoded
+    torch.manual_seed(int(cfg.seed))  # a random test teacher ('teacher.source: none') is then the same everywhere
+    teacher = shared_teacher(cfg)
+    data = load_site_data(cfg, spec)
     if len(data.train) == 0:
         reason = f"{spec.node}: skipped: its partition has no training images"
         logger.warning(reason)
@@ -402,8 +394,6 @@ def handle_train(
     config = msg.content.config_records.get("config", ConfigRecord())
     server_round = int(config.get(SERVER_ROUND_KEY, 0))
     device = select_device(cfg.device)
-    torch.manual_seed(int(cfg.seed))  # a random test teacher ('teacher.source: none') is then the same everywhere
-    teacher = shared_teacher(cfg)
     num_classes = data.train.num_classes
     student = reusable_module(  # built once per process; the global arrays (every key) are loaded next
         cfg, num_classes, "train",
@@ -413,9 +403,7 @@ def handle_train(
     torch.manual_seed(int(cfg.seed) * 1000 + spec.site_id)
     prompt = build_configured_prompt(cfg, teacher)
     _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
-    mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
-    # FedProx' anchor: the global student as received (restored to fp32), before any local step
-    global_state = {k: v.detach().clone() for k, v in student.state_dict().items()} if mu > 0 else None
+    hook = client_hook(cfg.federation.strategy)  # the strategy's site side (client/strategy_hooks.py)
 
     state_key = config.get(STATE_KEY)
     root = _state_root(context, state_root)
@@ -431,7 +419,6 @@ def handle_train(
     exploring_shared_prompt = _use_federated_prompt(msg, config, cfg, trainer)
 
     dp = trainer.dp  # privacy.mode local: DP-SGD state; its accountant is the ledger's, never the state's
-    fedmas = cfg.federation.strategy == FEDMAS_STRATEGY
     epochs, max_steps = local_schedule(cfg, len(data.train))
     charged: list[tuple[float, float, int]] = []
     if dp is not None:
@@ -451,17 +438,13 @@ def handle_train(
                                      delta=dp.delta, mechanism=dp.mechanism)
         dp.accountant = make_accountant(dp.mechanism, {"history": ledger.history(), "mechanism": dp.mechanism})
 
-    prior = None
+    inputs = RoundInputs(cfg=cfg, instruction=dict(config), student=student, teacher=teacher, prompt=prompt,
+                         data=data, device=device, dp=dp, node=spec.node, server_round=server_round)
     try:
-        if fedmas:
-            if dp is None:
-                prior = class_rep_prior(student, teacher, prompt, data.train, cfg, device)
-            elif statistics_policy(cfg) == "noised":  # FedMAS step 1, released by the Gaussian mechanism
-                prior, _ = dp.private_class_rep_prior(data.train, student)
+        extra = hook.before_train(inputs)  # e.g. FedProx's anchor, FedMAS's prior (a DP release when noised)
         start = time.perf_counter()
         result = trainer.train(
-            data.train, epochs=epochs, max_steps=max_steps, total_epochs=cfg.federation.num_rounds * epochs,
-            proximal_mu=mu, global_params=global_state, track_class_rep=fedmas,
+            data.train, epochs=epochs, max_steps=max_steps, total_epochs=cfg.federation.num_rounds * epochs, **extra,
         )
         train_seconds = time.perf_counter() - start
         if dp is not None:
@@ -494,15 +477,10 @@ def handle_train(
                 f"privacy budget exhausted: after charging round {server_round} the ledger holds epsilon "
                 f"{dp.epsilon():.4f} > target {dp.target_epsilon:g} (another federation of this hospital spent "
                 "meanwhile); the round's result is withheld"))
-    rho = None
-    if prior is not None and result.class_rep_sum is not None and result.class_seen is not None:
-        rho = _robust_factor(prior, result, str(config.get(FEDMAS_RULE_KEY, cfg.federation.fedmas_rule)))
-    elif fedmas:
-        logger.info("%s round %d: FedMAS statistics withheld (privacy.statistics); robust factor not sent",
-                    spec.node, server_round)
-
-    metrics = (_train_metrics(cfg, spec, data, result, train_seconds, rho) if dp is None
-               else _dp_train_metrics(cfg, spec, trainer, result, train_seconds, rho))
+    strategy_metrics = hook.reply_metrics(inputs, result)
+    rho = strategy_metrics.get(ROBUST_FACTOR_KEY)
+    metrics = (_train_metrics(cfg, spec, data, result, train_seconds, strategy_metrics) if dp is None
+               else _dp_train_metrics(cfg, spec, trainer, result, train_seconds, strategy_metrics))
     state.trainer = trainer.state_dict()  # in DP mode: the accountant history of every release so far
     state.class_counts = data.class_counts()
     state.rounds_trained += 1
@@ -537,7 +515,8 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
             f"privacy.mode is {cfg.privacy.mode!r}: this site does not send evaluation counts (per-class correct/total "
             "on its local test split are outside the DP guarantee); federated evaluation is disabled in DP mode"
         )
-    spec, data = _site(context, cfg, "evaluate")
+    spec = _checked_spec(context, cfg, "evaluate")
+    data = load_site_data(cfg, spec)
     device = select_device(cfg.device)
     num_classes = data.train.num_classes
     student = reusable_module(cfg, num_classes, "evaluate",

@@ -258,3 +258,14 @@ def test_config_from_run_config(tmp_path: Path) -> None:
         config_from_run_config({"config-file": "configs/no-such-file.yaml"})
     shipped = config_from_run_config({"config-file": "configs/sim-demo.yaml"})  # resolved inside the app
     assert shipped.federation.num_clients == 4
+
+
+def test_a_bad_teacher_fails_before_the_site_data_is_read(tmp_path: Path) -> None:
+    """Deployment: a missing teacher file is the error, not the (also missing) data folder read after it."""
+    cfg = tiny_config(teacher={"arch": "test_resnet", "source": "file", "file": str(tmp_path / "no-teacher.pth"),
+                               "input_size": 32})
+    ctx = context(5, {"site-id": 0, "data-root": str(tmp_path / "no-images")})
+    msg = train_message(global_arrays(tiny_config()), 1, 5)
+    with pytest.raises(RuntimeError, match=r"teacher") as info:
+        make_client_app(cfg, state_root=tmp_path / "state")(msg, ctx)
+    assert "does not exist on this machine" not in str(info.value), "the data path must not be reached first"
