@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -102,6 +101,7 @@ from fopro_kd.privacy.ledger import (  # noqa: E402
 )
 from fopro_kd.privacy.statistics import statistics_event  # noqa: E402
 from fopro_kd.round_schedule import persists_round  # noqa: E402
+from fopro_kd.run_plan import local_schedule  # noqa: E402
 from fopro_kd.seeding import select_device  # noqa: E402
 from fopro_kd.site_policy import SitePolicyError, SitePolicyViolation, check_site_policy, load_site_policy  # noqa: E402
 from fopro_kd.training.components import (  # noqa: E402
@@ -155,15 +155,6 @@ def loss_metric_keys(cfg: Config) -> list[str]:
     if cfg.train.method == "fopro-kd" and cfg.akd.mode != "off":
         keys += [objective_metric_key(cfg.akd.mode), "prompt_reg"]
     return keys
-
-
-def local_schedule(cfg: Config, num_train: int) -> tuple[int, int | None]:
-    """(epochs, max_steps) of one round: ``local_epochs``, or enough epochs for ``local_steps`` batches."""
-    steps = cfg.federation.local_steps
-    if steps is None:
-        return cfg.federation.local_epochs, None
-    batches = max(1, math.ceil(num_train / cfg.train.batch_size))
-    return max(1, math.ceil(steps / batches)), int(steps)
 
 
 def _configure_threads(cfg: Config) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fopro_kd.compression import compress_state, decompress_state, pack_for_numpy, state_nbytes, unpack_from_numpy
+from fopro_kd.run_plan import student_input_size
 from simulations.bench_common import REPO_ROOT, format_table, target
 
 logger = logging.getLogger("fopro_kd.bench")
@@ -95,7 +96,7 @@ def _predict(cfg, state: dict[str, torch.Tensor], splits, device: torch.device) 
     student = build_global_student(cfg, splits.train.num_classes)
     student.load_state_dict(state)
     probs = predict(student.to(device), splits.test, cfg.train.eval_batch_size, device,
-                    cfg.student.input_size or cfg.data.image_size)
+                    student_input_size(cfg))
     metrics = compute_metrics(splits.test.labels.numpy(), probs, splits.test.class_names,
                               splits.train.class_counts(), cfg.metrics)
     return metrics, probs

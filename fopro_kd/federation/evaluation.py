@@ -26,6 +26,7 @@ from fopro_kd.models.student import EKDStudent
 from fopro_kd.models.weights import create_timm_model, feature_dim_of
 from fopro_kd.training.components import build_federated_student, uses_teacher
 from fopro_kd.training.trainer import predict
+from fopro_kd.run_plan import student_input_size
 
 __all__ = ["build_global_student", "class_correct_counts", "site_metrics_from_counts", "teacher_feature_dim"]
 
@@ -68,7 +69,7 @@ def class_correct_counts(
     num_classes = data.num_classes
     if len(data) == 0:
         return [0] * num_classes, [0] * num_classes
-    probs = predict(student, data, cfg.train.eval_batch_size, device, cfg.student.input_size or cfg.data.image_size)
+    probs = predict(student, data, cfg.train.eval_batch_size, device, student_input_size(cfg))
     y = data.labels.numpy()
     hit = probs.argmax(axis=1) == y
     total = np.bincount(y, minlength=num_classes)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import secrets
 import time
 import warnings
@@ -57,6 +56,7 @@ from fopro_kd.privacy.accounting import (
     sample_rate_for,
 )
 from fopro_kd.privacy.sampling import physical_chunks
+from fopro_kd.run_plan import student_input_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from fopro_kd.config import Config
@@ -408,7 +408,7 @@ def cached_split_features(cfg: Config, out_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.seed)
     splits = build_splits(cfg)
     cache = out_dir / "features.pt"
-    size = cfg.student.input_size or cfg.data.image_size
+    size = student_input_size(cfg)
     record: dict[str, Any] = {"splits": splits}
     if cache.exists():
         stored = torch.load(cache, weights_only=True)

@@ -23,6 +23,7 @@ from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.prompt import FourierPrompt
 from fopro_kd.training.precision import autocast_context
 from fopro_kd.training.teacher_view import teacher_targets
+from fopro_kd.run_plan import student_input_size
 
 __all__ = ["EpochResult", "class_rep_prior"]
 
@@ -58,7 +59,7 @@ def class_rep_prior(
     student.eval()
     sums = np.zeros(student.num_classes, dtype=np.float64)
     counts = np.zeros(student.num_classes, dtype=np.int64)
-    size = cfg.student.input_size or cfg.data.image_size
+    size = student_input_size(cfg)
     for start in range(0, len(data), cfg.train.eval_batch_size):
         x = to_float_on(data.images[start : start + cfg.train.eval_batch_size], device)
         y = data.labels[start : start + cfg.train.eval_batch_size].numpy()

@@ -31,6 +31,7 @@ from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.prompt import FourierPrompt, mask_statistics, prompt_input
 from fopro_kd.training.teacher_view import teacher_shift
 from fopro_kd.training.trainer import LocalTrainer, predict
+from fopro_kd.run_plan import student_input_size
 
 logger = logging.getLogger("fopro_kd.training")
 
@@ -40,7 +41,7 @@ STUDENT_FORMAT = "fopro-kd-student/1"
 def evaluate_student(
     student: EKDStudent, data: ImageSet, train_counts: np.ndarray, cfg: Config, device: torch.device
 ) -> dict[str, Any]:
-    probs = predict(student, data, cfg.train.eval_batch_size, device, cfg.student.input_size or cfg.data.image_size)
+    probs = predict(student, data, cfg.train.eval_batch_size, device, student_input_size(cfg))
     return compute_metrics(data.labels.numpy(), probs, data.class_names, train_counts, cfg.metrics)
 
 
@@ -54,7 +55,7 @@ def evaluate_and_save_predictions(
     script, ``fopro-kd report``) resample: two runs on the same test images can then be compared
     image by image instead of only by their summary scores.
     """
-    probs = predict(student, data, cfg.train.eval_batch_size, device, cfg.student.input_size or cfg.data.image_size)
+    probs = predict(student, data, cfg.train.eval_batch_size, device, student_input_size(cfg))
     labels = data.labels.numpy()
     save_predictions(path, data.ids, labels, probs, data.class_names)
     return compute_metrics(labels, probs, data.class_names, train_counts, cfg.metrics)

@@ -46,6 +46,7 @@ from fopro_kd.training.feature_cache import (
 from fopro_kd.training.precision import autocast_context
 from fopro_kd.training.results import EpochResult
 from fopro_kd.training.teacher_view import teacher_features, teacher_targets
+from fopro_kd.run_plan import student_input_size
 
 __all__ = ["LocalTrainer", "make_optimizer", "predict"]
 
@@ -92,7 +93,7 @@ class LocalTrainer:
         self.prompt = prompt.to(device) if prompt is not None and self.method == "fopro-kd" else None
         self.class_counts = np.asarray(class_counts, dtype=np.int64)
         self.num_classes = len(self.class_counts)
-        self.student_size = cfg.student.input_size or cfg.data.image_size
+        self.student_size = student_input_size(cfg)
         loss_name = "ce" if self.method == "ce" else cfg.train.loss
         self.classification = build_classification_loss(loss_name, self.class_counts, cfg.train)
         self.ekd = EKDLoss(self.classification, cfg.train.lambda_rep) if self.teacher is not None else None
