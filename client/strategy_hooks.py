@@ -21,6 +21,7 @@ import torch
 
 from fopro_kd.config import Config
 from fopro_kd.federation.fedmas import fedmas_robust_factor
+from fopro_kd.federation.strategies import FEDMAS_STRATEGY, statistics_releases_per_round
 from fopro_kd.federation.wire import FEDMAS_RULE_KEY, PROXIMAL_MU_KEY, ROBUST_FACTOR_KEY
 from fopro_kd.privacy.statistics import statistics_policy
 from fopro_kd.training.results import EpochResult, class_rep_prior
@@ -87,7 +88,7 @@ class FedMASHook(ClientHook):
         self.prior: np.ndarray | None = None
 
     def statistics_releases(self, cfg: Config) -> int:
-        return 2 if statistics_policy(cfg) == "noised" else 0  # the prior and the state, each noised once
+        return statistics_releases_per_round(FEDMAS_STRATEGY, statistics_policy(cfg))  # the prior and the state
 
     def before_train(self, inputs: RoundInputs) -> dict[str, Any]:
         if inputs.dp is None:

@@ -18,6 +18,7 @@ from fopro_kd.plots import (
 )
 from fopro_kd.run_dir import RunDir
 from server.selection import ServerEvaluator
+from server.strategies import get_strategy_class
 from server.history import RoundRecorder
 
 logger = logging.getLogger("fopro_kd.federation")
@@ -33,7 +34,7 @@ def final_metrics(cfg: Config, evaluator: ServerEvaluator, recorder: RoundRecord
     metrics.update({
         "method": cfg.train.method,
         "strategy": cfg.federation.strategy,
-        "fedmas_rule": cfg.federation.fedmas_rule if cfg.federation.strategy == "fedmas" else None,
+        "fedmas_rule": cfg.federation.fedmas_rule if get_strategy_class(cfg.federation.strategy).reports_rule else None,
         "best_round": best.round,
         "val_balanced_accuracy": best.val_balanced_accuracy if best.round > 0 else None,
         "rounds": cfg.federation.num_rounds,

@@ -123,17 +123,7 @@ def _strategy_state(cfg: Config, strategy: Any, recorder: RoundRecorder, server_
     state: dict[str, Any] = {"name": cfg.federation.strategy, "round": int(server_round)}
     if getattr(strategy, "central_dp", None) is not None:
         state["central_dp"] = strategy.central_dp.state_dict()
-    if cfg.federation.strategy == "fedmas":
-        switch = int(getattr(strategy, "drw_switch", 0))
-        entry = recorder.rounds.get(server_round)
-        state.update({
-            "rule": cfg.federation.fedmas_rule,
-            "drw_switch_round": switch + 1,  # first server round with DRW weights
-            "phase": ("drw" if server_round >= switch + 1 else "fedavg") if cfg.federation.fedmas_rule == "mas_DRW"
-            else cfg.federation.fedmas_rule,
-            "robust_factors": {} if entry is None else recorder.by_site(entry.robust_factors),
-            "last_weight_mode": str(getattr(strategy, "last_weight_mode", "")),
-        })
+    state.update(strategy.checkpoint_state(server_round, recorder))  # e.g. FedMAS: rule, DRW phase, factors
     return state
 
 

@@ -21,9 +21,9 @@ def check_federation_config(cfg: Config) -> None:
     """Fail at start-up, before any node does work, on federation settings that cannot run."""
     fed = cfg.federation
     strategy_cls = get_strategy_class(fed.strategy)
-    if fed.strategy == "fedmas" and not uses_teacher(cfg):
+    if strategy_cls.needs_teacher_loss and not uses_teacher(cfg):
         raise ConfigError(
-            f"'federation.strategy: fedmas' needs the teacher's representation loss for its robust factor, but "
+            f"'federation.strategy: {fed.strategy}' needs the teacher's representation loss for its robust factor, but "
             f"'train.method' is {cfg.train.method!r}; use method 'ekd' or 'fopro-kd'"
         )
     if strategy_cls.needs_class_counts and fed.share_class_counts is False:

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from fopro_kd.config import Config
 from fopro_kd.data.dataset import ImageSet
+from fopro_kd.federation.strategies import statistics_releases_per_round
 from fopro_kd.losses import representation_loss
 from fopro_kd.privacy.accounting import (
     PrivacyBudgetExhausted,
@@ -133,8 +134,8 @@ def planned_statistics_events(cfg: Config, rounds: int | None = None) -> list[tu
     """
     sigma = float(cfg.privacy.statistics_noise_multiplier)
     count = 1
-    if cfg.federation.strategy == "fedmas" and statistics_policy(cfg) == "noised":
-        count += 2 * (planned_rounds(cfg) if rounds is None else int(rounds))
+    per_round = statistics_releases_per_round(cfg.federation.strategy, statistics_policy(cfg))
+    count += per_round * (planned_rounds(cfg) if rounds is None else int(rounds))
     return [(sigma, 1.0, count)]
 
 

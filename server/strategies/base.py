@@ -133,6 +133,14 @@ class ValidatedWeightedAvg(FedAvg):
     """Metric keys each client must send for this strategy's weights."""
     needs_class_counts: ClassVar[bool] = False
     """Whether clients must report ``"class-counts"`` (per-class training sample counts)."""
+    needs_teacher_loss: ClassVar[bool] = False
+    """Whether the weights need the teacher's representation loss (a method with a teacher: ekd / fopro-kd)."""
+    reports_rule: ClassVar[bool] = False
+    """Whether ``federation.fedmas_rule`` applies (reported in ``metrics.json``)."""
+
+    def checkpoint_state(self, server_round: int, recorder: Any) -> dict[str, Any]:
+        """What the server checkpoint records of this strategy after ``server_round`` (default: nothing)."""
+        return {}
 
     def __init__(
         self,

@@ -103,6 +103,8 @@ class FedMASStrategy(ValidatedWeightedAvg):
 
     name: ClassVar[str] = "fedmas"
     required_metrics: ClassVar[tuple[str, ...]] = (NUM_EXAMPLES_KEY, ROBUST_FACTOR_KEY)
+    needs_teacher_loss: ClassVar[bool] = True
+    reports_rule: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -135,6 +137,18 @@ class FedMASStrategy(ValidatedWeightedAvg):
             "num_rounds": cfg.num_rounds,
             "drw_fraction": cfg.drw_fraction,
             "drw_beta": cfg.drw_beta,
+        }
+
+    def checkpoint_state(self, server_round: int, recorder: Any) -> dict[str, Any]:
+        """The rule, the DRW switch and phase, and the round's robust factors per site (for the record and report)."""
+        switch = int(self.drw_switch)
+        entry = recorder.rounds.get(server_round)
+        return {
+            "rule": self.rule,
+            "drw_switch_round": switch + 1,  # first server round with DRW weights
+            "phase": ("drw" if server_round >= switch + 1 else "fedavg") if self.rule == "mas_DRW" else self.rule,
+            "robust_factors": {} if entry is None else recorder.by_site(entry.robust_factors),
+            "last_weight_mode": str(self.last_weight_mode),
         }
 
     @property
