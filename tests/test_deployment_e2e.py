@@ -73,6 +73,26 @@ def kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def make_node_keys(folder: Path, names: list[str]) -> None:
+    """The hospitals' key pairs: deploy/make_node_keys.sh (ssh-keygen), or the same ECDSA P-384 OpenSSH keys
+    written with ``cryptography`` (a Flower dependency) on a machine without ssh-keygen."""
+    if shutil.which("ssh-keygen") is not None:
+        subprocess.run(["bash", str(REPO / "deploy" / "make_node_keys.sh"), str(folder), *names], check=True,
+                       capture_output=True, timeout=60)
+        return
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        key = ec.generate_private_key(ec.SECP384R1())
+        (folder / name).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                      serialization.NoEncryption()))
+        (folder / name).chmod(0o600)
+        (folder / f"{name}.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                           serialization.PublicFormat.OpenSSH))
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("flower-superlink") is None,
                     reason="needs openssl and the Flower CLIs")
 def test_tls_deployment_two_supernodes_two_rounds(tmp_path: Path) -> None:
@@ -101,8 +121,7 @@ def test_tls_deployment_two_supernodes_two_rounds(tmp_path: Path) -> None:
         return proc, log
 
     keys = tmp_path / "keys"
-    subprocess.run(["bash", str(REPO / "deploy" / "make_node_keys.sh"), str(keys), "site-0", "site-1", "intruder"],
-                   check=True, capture_output=True, timeout=60)
+    make_node_keys(keys, ["site-0", "site-1", "intruder"])
     try:
         link, link_log = start([
             "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
