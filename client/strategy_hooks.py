@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,9 +21,9 @@ import torch
 
 from fopro_kd.config import Config
 from fopro_kd.federation.fedmas import fedmas_robust_factor
-from fopro_kd.federation.strategies import FEDMAS_STRATEGY, statistics_releases_per_round
+from fopro_kd.federation.strategies import FEDMAS_STRATEGY
 from fopro_kd.federation.wire import FEDMAS_RULE_KEY, PROXIMAL_MU_KEY, ROBUST_FACTOR_KEY
-from fopro_kd.privacy.statistics import statistics_policy
+from fopro_kd.privacy.statistics import statistics_policy, statistics_releases_per_round
 from fopro_kd.training.results import EpochResult, class_rep_prior
 
 logger = logging.getLogger("fopro_kd.federation")
@@ -47,7 +47,6 @@ class RoundInputs:
     """``DPContext`` under ``privacy.mode: local``, else None."""
     node: str = "site"
     server_round: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ClientHook:

@@ -174,10 +174,10 @@ def test_config_rejects_an_unknown_name_naming_the_field_and_the_nearest_valid_o
 
 def test_strategy_traits_of_the_protocol_agree_with_the_server_classes() -> None:
     """The client reads ``needs_class_counts`` from fopro_kd/federation/strategies.py, the server from its classes."""
-    from fopro_kd.federation.strategies import CLASS_COUNT_STRATEGIES, FEDMAS_STRATEGY, FEDPROX_STRATEGY, needs_class_counts
-    from server.strategies import STRATEGIES, FedMASStrategy, FedProxStrategy
+    from fopro_kd.federation.strategies import CLASS_COUNT_STRATEGIES, FEDMAS_STRATEGY, needs_class_counts
+    from server.strategies import STRATEGIES, FedMASStrategy
 
     for name, cls in STRATEGIES.items():
         assert needs_class_counts(name) == bool(cls.needs_class_counts), name
     assert CLASS_COUNT_STRATEGIES <= set(STRATEGIES)
-    assert STRATEGIES[FEDMAS_STRATEGY] is FedMASStrategy and STRATEGIES[FEDPROX_STRATEGY] is FedProxStrategy
+    assert STRATEGIES[FEDMAS_STRATEGY] is FedMASStrategy

@@ -8,25 +8,12 @@ for every registered strategy, so a new strategy cannot be half-declared.
 
 from __future__ import annotations
 
-__all__ = ["CLASS_COUNT_STRATEGIES", "FEDMAS_STRATEGY", "FEDPROX_STRATEGY", "PER_ROUND_STATISTICS_RELEASES",
-           "needs_class_counts", "statistics_releases_per_round"]
+__all__ = ["CLASS_COUNT_STRATEGIES", "FEDMAS_STRATEGY", "needs_class_counts"]
 
 CLASS_COUNT_STRATEGIES = frozenset({"class_balanced"})
 """Strategies whose aggregation weights are computed from each site's per-class training counts."""
 FEDMAS_STRATEGY = "fedmas"
 """The strategy whose sites compute and send a robust factor (fopro_kd/federation/fedmas.py)."""
-FEDPROX_STRATEGY = "fedprox"
-"""The strategy whose sites add the proximal term (its loss is reported as ``loss-prox``)."""
-
-
-PER_ROUND_STATISTICS_RELEASES = {FEDMAS_STRATEGY: 2}
-"""Per-class statistics a site releases each round for the strategy (FedMAS: its prior before training and its
-state after), Gaussian-noised and charged under local DP with ``privacy.statistics: noised``."""
-
-
-def statistics_releases_per_round(strategy: str, statistics_policy: str) -> int:
-    """Noised per-class statistics releases per round of ``strategy`` (0 when statistics are withheld)."""
-    return PER_ROUND_STATISTICS_RELEASES.get(strategy, 0) if statistics_policy == "noised" else 0
 
 
 def needs_class_counts(strategy: str) -> bool:

@@ -47,7 +47,6 @@ from torch import Tensor, nn
 
 from fopro_kd.config import Config
 from fopro_kd.data.dataset import ImageSet
-from fopro_kd.federation.strategies import statistics_releases_per_round
 from fopro_kd.losses import representation_loss
 from fopro_kd.privacy.accounting import (
     PrivacyBudgetExhausted,
@@ -59,7 +58,13 @@ from fopro_kd.privacy.accounting import (
     sample_rate_for,
 )
 from fopro_kd.privacy.sampling import PoissonBatchLoader
-from fopro_kd.privacy.statistics import REP_LOSS_BOUND, class_means_from_release, privatize_statistics, statistics_policy
+from fopro_kd.privacy.statistics import (
+    REP_LOSS_BOUND,
+    class_means_from_release,
+    privatize_statistics,
+    statistics_policy,
+    statistics_releases_per_round,
+)
 from fopro_kd.privacy.surgery import private_compatibility_problems
 from fopro_kd.prompt import prompt_input
 from fopro_kd.training.results import EpochResult, class_rep_prior

@@ -22,6 +22,8 @@ import torch
 from fopro_kd.config import Config
 
 __all__ = [
+    "PER_ROUND_STATISTICS_RELEASES",
+    "statistics_releases_per_round",
     "REP_LOSS_BOUND",
     "class_means_from_release",
     "privatize_class_counts",
@@ -32,6 +34,17 @@ __all__ = [
 
 REP_LOSS_BOUND = 4.0
 """ℓ_rep = 2 − 2·cos(u, t) lies in [0, 4]: the per-example bound of FedMAS' per-class sums."""
+
+
+PER_ROUND_STATISTICS_RELEASES = {"fedmas": 2}
+"""Per-class statistics a site releases each round for a strategy (FedMAS: its prior before training and its
+state after), Gaussian-noised and charged under local DP with ``privacy.statistics: noised``. Read by the budget
+plan (fopro_kd/privacy/local_dp.py) and by the strategy's client hook (client/strategy_hooks.py)."""
+
+
+def statistics_releases_per_round(strategy: str, policy: str) -> int:
+    """Noised per-class statistics releases per round of ``strategy`` (0 when statistics are withheld)."""
+    return PER_ROUND_STATISTICS_RELEASES.get(strategy, 0) if policy == "noised" else 0
 
 
 def statistics_policy(cfg: Config) -> Literal["noised", "withheld", "raw"]:
