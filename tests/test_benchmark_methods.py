@@ -59,7 +59,11 @@ def test_tiny_single_site_benchmark_writes_results(tmp_path: Path, monkeypatch) 
     for metric in ("balanced_accuracy", "rare_recall"):
         pair = saved["paired"]["bsm"][metric]
         assert pair["ci95_low"] <= pair["mean_diff"] <= pair["ci95_high"] and len(pair["per_seed"]) == 2
-        assert pair["within_noise"] == (pair["ci95_low"] <= 0 <= pair["ci95_high"])
+        assert pair["within_image_noise"] == (pair["ci95_low"] <= 0 <= pair["ci95_high"])
+        # two seeds: the verdict reads the seeds-and-images interval, which contains the image one's centre
+        assert pair["interval"] == "seeds+images" and pair["seed_sd"] is not None
+        assert pair["within_noise"] == (pair["ci95_total_low"] <= 0 <= pair["ci95_total_high"])
+        assert pair["ci95_total_low"] <= pair["mean_diff"] <= pair["ci95_total_high"]
         ref = saved["summary"]["ce"][metric]["per_seed"]
         var = saved["summary"]["bsm"][metric]["per_seed"]
         assert pair["per_seed"] == pytest.approx([v - r for v, r in zip(var, ref)])

@@ -22,6 +22,7 @@ from fopro_kd.stats import (
     paired_bootstrap,
     pool_predictions,
     save_predictions,
+    seed_and_image_interval,
 )
 
 
@@ -170,6 +171,46 @@ def test_paired_bootstrap_clear_win_and_identical_predictions() -> None:
     assert paired_bootstrap(y, good, bad, n_boot=500)["ci95_high"] < 0
     same = paired_bootstrap(y, np.stack([bad, good]), np.stack([bad, good]), classes=[2], n_boot=500)
     assert same["mean_diff"] == same["ci95_low"] == same["ci95_high"] == 0.0 and same["per_seed"] == [0.0, 0.0]
+
+
+def test_seed_and_image_interval_matches_the_formula() -> None:
+    """d̄ ± t(0.975, S−1) · sqrt(sd²/S + se²) on hand-made differences (t for 2 df = 4.302653)."""
+    out = seed_and_image_interval([0.05, -0.01, 0.02], image_se=0.01)
+    sd = float(np.std([0.05, -0.01, 0.02], ddof=1))
+    half = 4.302652729911275 * np.sqrt(sd**2 / 3 + 0.01**2)
+    assert out["seed_sd"] == pytest.approx(sd)
+    assert out["ci95_total_low"] == pytest.approx(0.02 - half) and out["ci95_total_high"] == pytest.approx(0.02 + half)
+    assert seed_and_image_interval([0.03], 0.01) == {"seed_sd": None, "image_se": 0.01, "ci95_total_low": None,
+                                                     "ci95_total_high": None}
+    with pytest.raises(ValueError, match="image_se must be >= 0"):
+        seed_and_image_interval([0.1, 0.2], -1.0)
+
+
+def test_seed_noise_widens_an_image_only_verdict() -> None:
+    """Seeds that disagree in sign: the image interval excludes 0, the seeds-and-images one does not.
+
+    This is the demo's control case (the same method through two code paths looked resolved on
+    test images alone); with seeds that agree the total interval stays clear of 0.
+    """
+    y = np.repeat(np.arange(3), 60)
+    rng = np.random.default_rng(3)
+    base = np.where(rng.random(len(y)) < 0.6, y, (y + 1) % 3)
+
+    def better_by(k: int) -> np.ndarray:  # the same errors as base, minus k fixed ones per class
+        out = base.copy()
+        for c in range(3):
+            wrong = np.flatnonzero((y == c) & (base != y))[:k]
+            out[wrong] = c
+        return out
+
+    ref = np.stack([base, base, base])
+    noisy = np.stack([better_by(18), better_by(1), better_by(18)])  # +30, +1.7, +30 points
+    result = paired_bootstrap(y, ref, noisy, n_boot=500)
+    assert result["ci95_low"] > 0  # test images alone: "resolved"
+    assert result["ci95_total_low"] < 0 < result["ci95_total_high"]  # with the seed spread: not
+    steady = np.stack([better_by(18), better_by(17), better_by(18)])
+    clear = paired_bootstrap(y, ref, steady, n_boot=500)
+    assert clear["ci95_total_low"] > 0
 
 
 def test_prediction_files_pool_and_align(tmp_path: Path) -> None:
