@@ -249,6 +249,10 @@ class TrainConfig:
     """Storage of cached teacher features (float16 halves the memory; targets are cast back to float32)."""
     max_cache_gb: float = 4.0
     """Refuse a teacher feature cache larger than this (images x views x feature dim x bytes)."""
+    feature_cache_dir: str | None = None
+    """Also keep cached teacher features as files here (``null``: memory only), so the next run on
+    the same images, teacher, prompt and views reads them instead of running the teacher again. The
+    files are features of the site's images: keep them on the site's own storage, like the data."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; ``None`` leaves torch's default."""
 
@@ -916,7 +920,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 _PATH_FIELDS = (
     ("data", "root"), ("data", "metadata_csv"), ("data", "train_csv"), ("data", "val_csv"), ("data", "test_csv"),
     ("data", "npz_file"), ("data", "split_file"), ("data", "cache_dir"), ("student", "weights_file"), ("teacher", "file"),
-    ("prompt", "probe_file"),
+    ("prompt", "probe_file"), ("train", "feature_cache_dir"),
 )
 
 

@@ -190,3 +190,45 @@ def test_student_view_cache_matches_the_online_student_view(data, teacher) -> No
     with pytest.raises(ConfigError, match="flips are the only augmentation"):
         cfg_of(train={"method": "ekd", "cache_teacher_features": True},
                augment={"teacher_view": "student", "rotation_degrees": 10.0})
+
+
+def test_feature_files_are_reused_and_a_damaged_one_is_rebuilt(data, teacher, tmp_path, monkeypatch) -> None:
+    """train.feature_cache_dir: a second trainer (new process: memo cleared) reads the file, no teacher pass;
+    a truncated file or a different prompt is never reused."""
+    import fopro_kd.training.feature_cache as feature_cache
+
+    cfg = cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 0}, akd={"mode": "off"},
+                 train={"feature_cache_dir": str(tmp_path / "features")})
+    feature_cache.clear_feature_caches()
+    first = make_trainer(cfg, data, teacher, structured_prompt(cfg))
+    first.enable_feature_cache(data)
+    files = list((tmp_path / "features").glob("teacher-features-*.pt"))
+    assert len(files) == 1 and not list((tmp_path / "features").glob(".*.tmp"))
+    built = []
+    real_build = feature_cache.TeacherFeatureCache.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        real_build(self, *args, **kwargs)
+
+    monkeypatch.setattr(feature_cache.TeacherFeatureCache, "__init__", counting_init)
+    feature_cache.clear_feature_caches()
+    second = make_trainer(cfg, data, teacher, structured_prompt(cfg))
+    second.enable_feature_cache(data)
+    assert built == []  # read from the file
+    idx = torch.arange(len(data))
+    views = torch.arange(len(data)) % 4
+    assert torch.equal(second.feature_cache.lookup(idx, views), first.feature_cache.lookup(idx, views))
+    # a different prompt is a different file
+    feature_cache.clear_feature_caches()
+    other = make_trainer(cfg, data, teacher, build_prompt(cfg.prompt, SIZE))
+    other.enable_feature_cache(data)
+    assert built == [1] and len(list((tmp_path / "features").glob("teacher-features-*.pt"))) == 2
+    # a damaged file is rebuilt (and rewritten), never used
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    feature_cache.clear_feature_caches()
+    third = make_trainer(cfg, data, teacher, structured_prompt(cfg))
+    third.enable_feature_cache(data)
+    assert built == [1, 1]
+    assert torch.equal(third.feature_cache.lookup(idx, views), first.feature_cache.lookup(idx, views))
+    feature_cache.clear_feature_caches()

@@ -17,14 +17,25 @@ storage when ``train.cache_dtype: float16``) for every view in the set. When the
 augmentation also scales, rotates or jitters colours, the teacher's view is the flipped clean
 image, not the student's view: that is a choice of target, documented in the README.
 Which configurations may cache is decided by :func:`fopro_kd.config.feature_cache_problem`.
+
+Two tiers: a process-level memo (a federated site rebuilds its trainer every round) and, with
+``train.feature_cache_dir``, files on the site's disk, so a second run on the same images and
+teacher (another seed, another λ, a resumed run) skips the teacher passes (on HAM10000 with four
+flip views ≈ 10-15 min on 2 cores). A file is named by a digest of the memo key, *all* the
+image bytes and the teacher's weight record (file hash), written to a temporary name and
+renamed, and read back only when its stored key, shape and dtype match: a half-written or stale
+file is rebuilt, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -35,7 +46,19 @@ from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.prompt import FourierPrompt
 from fopro_kd.training.teacher_view import teacher_targets
 
-__all__ = ["TeacherFeatureCache", "VIEW_COUNTS", "apply_flip_view", "cache_bytes", "cached_features", "clear_feature_caches"]
+__all__ = [
+    "TeacherFeatureCache",
+    "VIEW_COUNTS",
+    "apply_flip_view",
+    "cache_bytes",
+    "cached_features",
+    "clear_feature_caches",
+    "feature_file",
+]
+
+logger = logging.getLogger("fopro_kd.training")
+FEATURE_FILE_FORMAT = 1
+"""Version of the on-disk layout (``{"format", "key", "view_set", "features"}``); others are rebuilt."""
 
 VIEW_COUNTS = {"clean": 1, "flips": 4}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -111,6 +134,16 @@ class TeacherFeatureCache:
                 features[view, start : start + x.shape[0]] = feats.to(features.dtype)
         self.features: Tensor = features
 
+    @classmethod
+    def from_features(cls, features: Tensor, view_set: str) -> TeacherFeatureCache:
+        """A cache around already computed ``features`` (views, images, dim), e.g. read from disk."""
+        cache = cls.__new__(cls)
+        cache.num_views, cache.num_images = int(features.shape[0]), int(features.shape[1])
+        cache.view_set = view_set
+        cache.nbytes = features.numel() * features.element_size()
+        cache.features = features
+        return cache
+
     def lookup(self, indices: Tensor, views: Tensor | None = None) -> Tensor:
         """float32 targets of images ``indices`` in views ``views`` (None: view 0)."""
         indices = indices.cpu()
@@ -138,14 +171,76 @@ def cache_key(teacher_key: tuple, prompt: FourierPrompt | None, data: ImageSet, 
     return digest.hexdigest()
 
 
-def cached_features(key: str, build: Callable[[], TeacherFeatureCache], max_bytes: float) -> TeacherFeatureCache:
-    """The memoised cache for ``key``, built with ``build`` on a miss; least recent entries leave first."""
+def feature_file(directory: str | Path, key: str, data: ImageSet, teacher_record: str) -> Path:
+    """Where the cache for ``key`` lives under ``directory``: a digest of the key, every image byte and the teacher.
+
+    The memo key samples the pixels (it is computed every federated round); a file outlives the
+    process, so its name covers all of them, and the teacher's weight record (with the file's
+    SHA-256) so replaced weights under the same path never reuse old targets.
+    """
+    digest = hashlib.sha256(key.encode())
+    digest.update(teacher_record.encode())
+    digest.update(memoryview(data.images.contiguous().numpy()).cast("B"))
+    return Path(directory).expanduser() / f"teacher-features-{digest.hexdigest()[:32]}.pt"
+
+
+def _read_feature_file(path: Path, key: str, expected: tuple[int, int, int], dtype: str) -> Tensor | None:
+    """The stored features when ``path`` holds exactly this key, shape and dtype; else ``None`` (rebuild)."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        features = stored["features"]
+        if (stored.get("format") == FEATURE_FILE_FORMAT and stored.get("key") == key
+                and tuple(features.shape) == expected and features.dtype == _DTYPES[dtype]):
+            return features
+        logger.warning("teacher feature file %s does not match this run (key, shape or dtype); rebuilding it", path)
+    except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
+        logger.warning("teacher feature file %s is unreadable (%s); rebuilding it", path, exc)
+    return None
+
+
+def _write_feature_file(path: Path, key: str, cache: TeacherFeatureCache) -> None:
+    """Atomic write (temporary name, fsync, rename): a crash leaves no file that looks valid."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as handle:
+        torch.save({"format": FEATURE_FILE_FORMAT, "key": key, "view_set": cache.view_set,
+                    "features": cache.features}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def cached_features(
+    key: str,
+    build: Callable[[], TeacherFeatureCache],
+    max_bytes: float,
+    file: Path | None = None,
+    expected: tuple[int, int, int] | None = None,
+    dtype: str = "float32",
+    view_set: str = "clean",
+) -> TeacherFeatureCache:
+    """The memoised cache for ``key``, built with ``build`` on a miss; least recent entries leave first.
+
+    With ``file`` (from :func:`feature_file`) a memo miss first tries that file (``expected`` =
+    (views, images, feature dim), ``dtype`` and ``view_set`` describe the cache the build would
+    make, and must match) and a build is written there.
+    """
     with _MEMO_LOCK:
         hit = _MEMO.get(key)
         if hit is not None:
             _MEMO.move_to_end(key)
             return hit
-    cache = build()
+    cache = None
+    if file is not None and file.is_file() and expected is not None:
+        features = _read_feature_file(file, key, expected, dtype)
+        if features is not None:
+            cache = TeacherFeatureCache.from_features(features, view_set)
+            logger.info("teacher features read from %s (%.0f MB)", file, cache.nbytes / 1e6)
+    if cache is None:
+        cache = build()
+        if file is not None:
+            _write_feature_file(file, key, cache)
+            logger.info("teacher features written to %s (%.0f MB)", file, cache.nbytes / 1e6)
     with _MEMO_LOCK:
         _MEMO[key] = cache
         while len(_MEMO) > 1 and sum(c.nbytes for c in _MEMO.values()) > max_bytes:

@@ -37,11 +37,13 @@ from fopro_kd.privacy.local_dp import DPContext, DPParts
 from fopro_kd.prompt import FourierPrompt, prompt_input
 from fopro_kd.prompt_objectives import ObjectiveContext, build_prompt_objective
 from fopro_kd.training.feature_cache import (
+    VIEW_COUNTS,
     TeacherFeatureCache,
     apply_flip_view,
     cache_key,
     cached_features,
     check_cache_size,
+    feature_file,
 )
 from fopro_kd.training.precision import autocast_context
 from fopro_kd.training.results import EpochResult
@@ -192,11 +194,15 @@ class LocalTrainer:
         t = self.cfg.teacher
         key = cache_key((t.arch, t.source, t.file, t.input_size, t.mean, t.std), self.prompt, data,
                         view_set, self.cfg.prompt.domain, self.cfg.train.cache_dtype, str(self.device), pre_size)
+        directory = self.cfg.train.feature_cache_dir
         self.feature_cache = cached_features(key, lambda: TeacherFeatureCache(
             self.teacher, data, self.cfg.train.eval_batch_size, self.device, prompt=self.prompt,
             domain=self.cfg.prompt.domain, view_set=view_set, dtype=self.cfg.train.cache_dtype,
             max_gb=self.cfg.train.max_cache_gb, pre_size=pre_size,
-        ), max_bytes=self.cfg.train.max_cache_gb * 1e9)
+        ), max_bytes=self.cfg.train.max_cache_gb * 1e9,
+            file=None if directory is None else feature_file(directory, key, data, self.teacher.weights_desc),
+            expected=(VIEW_COUNTS[view_set], len(data), self.teacher.feature_dim),
+            dtype=self.cfg.train.cache_dtype, view_set=view_set)
 
     def train(
         self,
