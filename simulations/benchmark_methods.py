@@ -57,6 +57,7 @@ from fopro_kd.stats import (  # noqa: E402
     Predictions,
     align_predictions,
     balanced_accuracy,
+    fold_t_interval,
     load_predictions,
     mean_recall,
     paired_bootstrap,
@@ -261,9 +262,14 @@ def paired_statistics(
 
     ``summary.<v>.<m>``: mean and standard deviation (ddof 1; ``None`` for one seed) over seeds
     of the metric on the pooled predictions. ``paired.<v>.<m>`` (every variant but the
-    reference): :func:`fopro_kd.stats.paired_bootstrap` against the reference, with
-    ``within_noise`` when the 95% interval contains 0.
+    reference): :func:`fopro_kd.stats.paired_bootstrap` against the reference; the
+    seeds-and-images interval from two seeds on, or with k folds the corrected resampled t
+    interval over the per-fold differences (:func:`fopro_kd.stats.fold_t_interval`, also
+    ``per_fold``); ``within_noise`` from the widest interval available (:func:`noise_verdict`).
     """
+    folds = len(next(iter(predictions.values())))
+    if any(len(parts) != folds for parts in predictions.values()):
+        raise ValueError("every (variant, seed) needs the same number of folds")
     pooled = {key: pool_predictions(parts) for key, parts in predictions.items()}
     anchor = pooled[(reference, seeds[0])]
     try:
@@ -295,12 +301,33 @@ def paired_statistics(
             result = paired_bootstrap(labels, predicted[reference], predicted[m],
                                       classes=None if metric == "balanced_accuracy" else rare,
                                       n_boot=n_boot, seed=bootstrap_seed)
+            if folds > 1:  # k-fold: the per-fold differences carry the training noise
+                per_fold = _per_fold_differences(predictions, m, reference, seeds, metric_fns_of(rare)[metric])
+                result = {**result, **fold_t_interval(per_fold, result["mean_diff"], folds), "per_fold": per_fold}
             paired[m][metric] = {
                 **{k: result[k] for k in ("mean_diff", "ci95_low", "ci95_high", "per_seed", "seed_sd", "image_se",
                                           "ci95_total_low", "ci95_total_high")},
+                **({"per_fold": result["per_fold"]} if "per_fold" in result else {}),
                 **noise_verdict(result),
             }
     return {"n_test": int(len(labels)), "summary": summary, "paired": paired}
+
+
+def metric_fns_of(rare: list[int]) -> dict[str, Any]:
+    """``metric name -> f(labels, predicted)`` for :data:`METRICS`."""
+    return {"balanced_accuracy": balanced_accuracy, "rare_recall": lambda y, p: mean_recall(y, p, rare)}
+
+
+def _per_fold_differences(predictions: dict[tuple[str, int], list[Predictions]], method: str, reference: str,
+                          seeds: list[int], metric) -> list[float]:
+    """metric(method) − metric(reference) on each fold's own test images, for every seed (J = folds × seeds)."""
+    diffs = []
+    for s in seeds:
+        for ref_fold, var_fold in zip(predictions[(reference, s)], predictions[(method, s)]):
+            var_fold = align_predictions(ref_fold, var_fold)
+            diffs.append(float(metric(ref_fold.labels, var_fold.predicted) - metric(ref_fold.labels,
+                                                                                     ref_fold.predicted)))
+    return diffs
 
 
 def noise_verdict(result: dict[str, Any]) -> dict[str, Any]:
@@ -310,13 +337,15 @@ def noise_verdict(result: dict[str, Any]) -> dict[str, Any]:
     (:func:`fopro_kd.stats.seed_and_image_interval`): a difference is resolved only when it
     exceeds the training noise as well as the test-image noise. With one seed only the image
     interval exists, and ``interval`` says so (the project's rule asks for >= 3 seeds anyway).
+    With k folds it reads the fold interval (``interval: "folds"``).
     ``within_image_noise`` keeps the image-only verdict for comparison.
     """
     within_images = bool(result["ci95_low"] <= 0.0 <= result["ci95_high"])
     if result.get("ci95_total_low") is None:
         return {"within_noise": within_images, "within_image_noise": within_images, "interval": "images"}
     within_total = bool(result["ci95_total_low"] <= 0.0 <= result["ci95_total_high"])
-    return {"within_noise": within_total, "within_image_noise": within_images, "interval": "seeds+images"}
+    kind = "folds" if "per_fold" in result else "seeds+images"
+    return {"within_noise": within_total, "within_image_noise": within_images, "interval": kind}
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from fopro_kd.stats import (
     Predictions,
     align_predictions,
     balanced_accuracy,
+    fold_t_interval,
     load_predictions,
     mean_recall,
     paired_bootstrap,
@@ -228,3 +229,37 @@ def test_prediction_files_pool_and_align(tmp_path: Path) -> None:
     assert align_predictions(back, shuffled).ids.tolist() == back.ids.tolist()
     with pytest.raises(ValueError, match="same images"):
         align_predictions(back, pooled)
+
+
+def test_fold_t_interval_formula_and_kfold_paired_statistics() -> None:
+    """Corrected resampled t (Nadeau-Bengio): centre ± t(0.975, J−1)·sd·sqrt(1/J + 1/(k−1)); k-fold
+    paired statistics read it from the per-fold differences."""
+    from simulations.benchmark_methods import paired_statistics
+
+    diffs = [0.04, 0.01, 0.03, -0.02, 0.05]
+    out = fold_t_interval(diffs, center=0.02, folds=5)
+    half = 2.7764451051977987 * np.std(diffs, ddof=1) * np.sqrt(1 / 5 + 1 / 4)
+    assert out["ci95_total_low"] == pytest.approx(0.02 - half) and out["ci95_total_high"] == pytest.approx(0.02 + half)
+    with pytest.raises(ValueError, match=">= 2 per-fold"):
+        fold_t_interval([0.1], 0.1, 5)
+
+    rng = np.random.default_rng(4)
+    names = ["a", "b", "c"]
+    parts: dict[str, list[Predictions]] = {"ref": [], "new": []}
+    for fold in range(4):  # each fold its own 30 test images
+        y = np.repeat(np.arange(3), 10)
+        ids = [f"f{fold}-{i}" for i in range(len(y))]
+        for method, acc in (("ref", 0.5), ("new", 0.8)):
+            pred = np.where(rng.random(len(y)) < acc, y, (y + 1) % 3)
+            parts[method].append(Predictions(np.asarray(ids), y, np.eye(3)[pred], names))
+    result = paired_statistics({("ref", 0): parts["ref"], ("new", 0): parts["new"]}, ["ref", "new"], [0], "ref",
+                               [2], n_boot=200)
+    pair = result["paired"]["new"]["balanced_accuracy"]
+    assert pair["interval"] == "folds" and len(pair["per_fold"]) == 4
+    expected = [balanced_accuracy(p.labels, q.predicted) - balanced_accuracy(p.labels, p.predicted)
+                for p, q in zip(parts["ref"], parts["new"])]
+    assert pair["per_fold"] == pytest.approx(expected)
+    direct = fold_t_interval(expected, pair["mean_diff"], 4)
+    assert pair["ci95_total_low"] == pytest.approx(direct["ci95_total_low"])
+    assert pair["within_noise"] == (pair["ci95_total_low"] <= 0 <= pair["ci95_total_high"])
+    assert result["n_test"] == 120  # pooled: every image once
