@@ -49,11 +49,13 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 from fopro_kd.config import load_config  # noqa: E402
 from fopro_kd.data import build_splits  # noqa: E402
 from fopro_kd.stats import (  # noqa: E402
     DEFAULT_BOOTSTRAP,
+    PREDICTIONS_FILE,
     Predictions,
     align_predictions,
     balanced_accuracy,
@@ -154,8 +156,31 @@ def resolve_rare_classes(names: Sequence[str] | None, class_names: list[str], tr
     return [class_names.index(n) for n in names]
 
 
-def _run_variant(config: str, overrides: list[str], out: Path, splits, federated: bool) -> dict:
+def finished_run_metrics(cfg_dict: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """The metrics of a run already finished in ``out`` with exactly this config, else ``None``.
+
+    Finished = ``metrics.json`` and the test predictions exist (both are written atomically, the
+    metrics last) and the run's ``config.yaml`` snapshot equals the config that would run now, so
+    a queue stopped halfway (a session's end, a crash) resumes where it stopped and never reuses
+    a run made with other settings.
+    """
+    metrics_file, config_file = out / "metrics.json", out / "config.yaml"
+    if not (metrics_file.is_file() and (out / PREDICTIONS_FILE).is_file() and config_file.is_file()):
+        return None
+    if yaml.safe_load(config_file.read_text()) != yaml.safe_load(yaml.safe_dump(cfg_dict, sort_keys=False)):
+        return None
+    return json.loads(metrics_file.read_text())
+
+
+def _run_variant(config: str, overrides: list[str], out: Path, splits, federated: bool,
+                 skip_finished: bool = False) -> dict:
     cfg = load_config(config, overrides)
+    done = finished_run_metrics(cfg.to_dict(), out) if skip_finished else None
+    if done is not None:
+        logging.getLogger("fopro_kd").info("%s: finished with this config, reused (--skip-finished)", out)
+        if not federated:
+            return {**done, "seconds": done["mean_epoch_seconds"]}
+        return {**done, "seconds": done["mean_round_seconds"], "best_epoch": done["best_round"]}
     if not federated:
         metrics = train_single_site(cfg, out, progress=False, splits=splits)
         return {**metrics, "seconds": metrics["mean_epoch_seconds"]}
@@ -180,8 +205,12 @@ def run_benchmark(
     folds: int | None = None,
     rare_classes: Sequence[str] | None = None,
     n_boot: int = DEFAULT_BOOTSTRAP,
+    skip_finished: bool = False,
 ) -> dict[str, Any]:
     """Run every variant x seed (x fold), then the per-variant summary and the paired statistics.
+
+    ``skip_finished``: a run directory that already holds a finished run with exactly the
+    config it would get is reused instead of retrained (:func:`finished_run_metrics`).
 
     Returns the content of ``results.json`` (``rows``, ``summary``, ``paired`` and the settings).
     Bad arguments, configs and rare-class names raise ``ValueError`` / ``ConfigError`` before
@@ -229,7 +258,8 @@ def run_benchmark(
                 name = f"{method}-seed{seed}" + ("" if fold is None else f"-fold{fold}")
                 seed_override = [f"seed={run_seed(seed, fold)}"]
                 metrics = _run_variant(config, overrides + fold_overrides(fold) + seed_override + extra,
-                                       out / name, None if method in own_data else splits, federated)
+                                       out / name, None if method in own_data else splits, federated,
+                                       skip_finished)
                 pred = load_predictions(out / name)
                 predictions.setdefault((method, seed), []).append(pred)
                 rows.append({
@@ -423,12 +453,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples B")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--federated", action="store_true", help="variants are STRATEGY+METHOD simulations")
+    parser.add_argument("--skip-finished", action="store_true",
+                        help="reuse runs already finished in --out with the same config (resume a stopped queue)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         results = run_benchmark(args.config, Path(args.out), args.methods, args.seeds, args.overrides,
                                 args.federated, reference=args.reference, folds=args.folds,
-                                rare_classes=args.rare_classes, n_boot=args.bootstrap)
+                                rare_classes=args.rare_classes, n_boot=args.bootstrap,
+                                skip_finished=args.skip_finished)
     except ValueError as exc:  # ConfigError included: bad input, reported before training
         print(f"benchmark_methods: {exc}", file=sys.stderr)
         return 2

@@ -71,6 +71,25 @@ def test_tiny_single_site_benchmark_writes_results(tmp_path: Path, monkeypatch) 
     table = format_table(saved)
     assert "bsm" in table and "(reference)" in table and table.count("\n") == 3
 
+    # --skip-finished: the same queue again trains nothing and gives the same statistics ...
+    calls = []
+    real_train = single_site.train_single_site
+
+    def counting_train(cfg, out, **kwargs):
+        calls.append(str(out))
+        return real_train(cfg, out, **kwargs)
+
+    import simulations.benchmark_methods as benchmark_methods
+
+    monkeypatch.setattr(benchmark_methods, "train_single_site", counting_train)
+    again = run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "out", ["bsm", "ce"], [0, 1], [],
+                          reference="ce", rare_classes=["class_2"], n_boot=200, skip_finished=True)
+    assert calls == [] and again["paired"] == saved["paired"]
+    # ... and a run whose config would differ (another lr) is trained again, not reused
+    changed = run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "out", ["bsm", "ce"], [0], ["train.lr=0.001"],
+                            reference="ce", rare_classes=["class_2"], n_boot=50, skip_finished=True)
+    assert len(calls) == 2 and len(changed["rows"]) == 2
+
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"reference": "ekd"}, "--reference 'ekd' is not one of the variants run"),
