@@ -235,6 +235,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     lambda_rep: float = 3.0
+    rep_weighting: Literal["none", "class_balanced"] = "none"
+    """Per-class weight of ℓ_rep: ``none`` (EKD as published) or ``class_balanced`` (effective-number
+    weights of the training counts, summing to the number of classes; method.md §3.4)."""
+    rep_weighting_beta: float = 0.9999
+    """``rep_weighting: class_balanced``: β of the effective number (0 = uniform, → 1 = inverse frequency)."""
+    rep_weighting_start: float = 0.8
+    """``rep_weighting: class_balanced``: the weights apply from this fraction of the epochs (federated:
+    of the rounds) on; 0 = from the start. Fed-MAS switches them on after 80%."""
     grad_clip: float = 5.0
     focal_gamma: float = 2.0
     logit_adjust_tau: float = 1.0
@@ -552,6 +560,11 @@ def _check_teacher_schedule(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: 'akd.mode' {cfg.akd.mode!r} has no DP-SGD prompt step; with privacy.prompt 'dp' use "
             "'discriminative' or 'minmax', or privacy.prompt 'frozen'")
+    if not 0.0 <= cfg.train.rep_weighting_beta < 1.0:
+        raise ConfigError(f"{source}: 'train.rep_weighting_beta' must be in [0, 1), got {cfg.train.rep_weighting_beta!r}")
+    if not 0.0 <= cfg.train.rep_weighting_start <= 1.0:
+        raise ConfigError(
+            f"{source}: 'train.rep_weighting_start' must be in [0, 1], got {cfg.train.rep_weighting_start!r}")
     if cfg.train.max_cache_gb <= 0:
         raise ConfigError(f"{source}: 'train.max_cache_gb' must be > 0, got {cfg.train.max_cache_gb!r}")
 

@@ -39,6 +39,7 @@ __all__ = [
     "LDAMLoss",
     "FocalLoss",
     "EKDLoss",
+    "build_ekd_loss",
     "register_loss",
     "list_losses",
     "build_classification_loss",
@@ -416,20 +417,39 @@ class EKDLoss(nn.Module):
         Weight λ >= 0 of the representation loss.
     """
 
-    def __init__(self, classification: nn.Module, lambda_rep: float) -> None:
+    def __init__(
+        self,
+        classification: nn.Module,
+        lambda_rep: float,
+        rep_class_weights: Sequence[float] | np.ndarray | None = None,
+        rep_weighting_start: float = 0.0,
+    ) -> None:
         super().__init__()
         if not hasattr(classification, "per_sample"):
             raise ValueError(f"classification loss {type(classification).__name__} has no per_sample(logits, targets)")
         if not float(lambda_rep) >= 0:
             raise ValueError(f"lambda_rep must be >= 0, got {lambda_rep!r}")
+        if not 0.0 <= float(rep_weighting_start) <= 1.0:
+            raise ValueError(f"rep_weighting_start must be in [0, 1], got {rep_weighting_start!r}")
         self.classification = classification
         self.lambda_rep = float(lambda_rep)
+        self.rep_class_weights: Tensor | None = None
+        if rep_class_weights is not None:
+            self.rep_class_weights = torch.as_tensor(np.asarray(rep_class_weights, dtype=np.float32))
+        self.rep_weighting_start = float(rep_weighting_start)
+        self.rep_weights_active = self.rep_class_weights is not None and self.rep_weighting_start == 0.0
 
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
-        """Forward the schedule to the classification loss (LDAM-DRW)."""
+        """Forward the schedule to the classification loss (LDAM-DRW); switch the ℓ_rep class weights on.
+
+        The weights apply from epoch ``rep_weighting_start · total_epochs`` on (0-based epochs),
+        as Fed-MAS switches them on after 80% of the rounds (method.md §3.4).
+        """
         set_epoch = getattr(self.classification, "set_epoch", None)
         if set_epoch is not None:
             set_epoch(epoch, total_epochs)
+        if self.rep_class_weights is not None:
+            self.rep_weights_active = epoch >= self.rep_weighting_start * total_epochs
 
     def per_sample_rep(self, projection: Tensor | None, teacher_features: Tensor | None) -> Tensor:
         """``ℓ_rep(u_i, t_i)`` per sample, shape ``(B,)``."""
@@ -456,6 +476,8 @@ class EKDLoss(nn.Module):
             rep = torch.zeros_like(cls)
         else:
             rep = representation_loss(projection, teacher_features)
+            if self.rep_weights_active and self.rep_class_weights is not None:
+                rep = rep * self.rep_class_weights.to(rep.device, rep.dtype)[targets]
         return cls, aux, rep
 
     def per_sample(
@@ -499,4 +521,21 @@ class EKDLoss(nn.Module):
         return loss, terms
 
     def extra_repr(self) -> str:
-        return f"lambda_rep={self.lambda_rep}"
+        weighted = "" if self.rep_class_weights is None else f", rep class weights from {self.rep_weighting_start:g}"
+        return f"lambda_rep={self.lambda_rep}{weighted}"
+
+
+def build_ekd_loss(classification: nn.Module, class_counts: Sequence[int] | np.ndarray, cfg: TrainConfig) -> EKDLoss:
+    """The EKD objective of ``cfg`` (``lambda_rep``, ``rep_weighting``) for a site with ``class_counts``.
+
+    ``rep_weighting: class_balanced`` weights each sample's ℓ_rep by the effective-number weight
+    of its class (:func:`class_balanced_weights` with ``rep_weighting_beta``, normalised to sum
+    to the number of classes, as Fed-MAS's optional schedule, method.md §3.4): the teacher's
+    representation is pulled towards the rare classes' images instead of being dominated by the
+    common class's. The weights are a function of ``class_counts`` only, so under DP the trainer
+    passes the released (noisy) counts and the weights are post-processing.
+    """
+    weights = None
+    if cfg.rep_weighting == "class_balanced":
+        weights = class_balanced_weights(class_counts, cfg.rep_weighting_beta)
+    return EKDLoss(classification, cfg.lambda_rep, weights, cfg.rep_weighting_start)

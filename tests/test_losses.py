@@ -247,3 +247,44 @@ def test_every_registered_loss_works_in_float64_and_inside_ekd(name: str) -> Non
                   proj, torch.randn(4, 5), torch.tensor([0, 1, 1, 0]))
     loss.backward()
     assert loss.dtype == torch.float64 and torch.isfinite(proj.grad).all()
+
+
+def test_class_balanced_rep_weights_follow_the_schedule_and_favour_rare_classes() -> None:
+    """rep_weighting class_balanced: ℓ_rep_i · w[y_i] from rep_weighting_start on; before, and with
+    ``none``, exactly the published EKD. The rare class's images weigh more than the common one's."""
+    from dataclasses import replace
+
+    from fopro_kd.losses import build_ekd_loss
+
+    counts = [500, 40, 4]
+    logits, aux, proj, teacher, _ = _ekd_batch(6)
+    targets = torch.tensor([0, 1, 2, 2, 0])
+    bsm = build_classification_loss("bsm", counts, CFG)
+    plain = build_ekd_loss(bsm, counts, CFG)
+    assert plain.rep_class_weights is None
+    cfg = replace(CFG, rep_weighting="class_balanced", rep_weighting_beta=0.999, rep_weighting_start=0.5)
+    weighted = build_ekd_loss(bsm, counts, cfg)
+    w = class_balanced_weights(counts, 0.999)
+    assert w[2] > w[1] > w[0] and w.sum() == pytest.approx(3.0)
+    rep = representation_loss(proj, teacher)
+    weighted.set_epoch(1, 4)  # epoch 1 < 0.5 * 4: not yet
+    before = weighted.per_sample(logits, aux, proj, teacher, targets)
+    assert torch.equal(before, plain.per_sample(logits, aux, proj, teacher, targets))
+    weighted.set_epoch(2, 4)  # from epoch 2 on
+    after = weighted.per_sample(logits, aux, proj, teacher, targets)
+    expected = before - CFG.lambda_rep * rep + CFG.lambda_rep * rep * torch.as_tensor(w, dtype=torch.float32)[targets]
+    assert torch.allclose(after, expected, atol=1e-6)
+    assert (after - before)[targets == 2].min() > 0 > (after - before)[targets == 0].max()  # rare up, common down
+    with pytest.raises(ValueError, match="rep_weighting_start"):
+        EKDLoss(bsm, 3.0, w, rep_weighting_start=1.5)
+
+
+def test_rep_weighting_settings_are_checked_at_load() -> None:
+    from fopro_kd.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="train.rep_weighting_beta"):
+        config_from_dict({"train": {"rep_weighting": "class_balanced", "rep_weighting_beta": 1.0}})
+    with pytest.raises(ConfigError, match="train.rep_weighting_start"):
+        config_from_dict({"train": {"rep_weighting_start": -0.1}})
+    with pytest.raises(ConfigError, match="rep_weighting"):
+        config_from_dict({"train": {"rep_weighting": "inverse"}})
