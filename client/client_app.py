@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from fopro_kd.models.weights import default_offline_hub
+
+default_offline_hub()  # before the Hub can be used: hospitals have no Hub access (its docstring)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -101,14 +102,13 @@ from fopro_kd.privacy.ledger import (  # noqa: E402
 )
 from fopro_kd.privacy.statistics import statistics_event  # noqa: E402
 from fopro_kd.round_schedule import persists_round  # noqa: E402
-from fopro_kd.run_plan import local_schedule  # noqa: E402
-from fopro_kd.seeding import select_device  # noqa: E402
+from fopro_kd.run_plan import local_schedule, resolve_run_plan  # noqa: E402
+from fopro_kd.seeding import select_device, site_seed  # noqa: E402
 from fopro_kd.site_policy import SitePolicyError, SitePolicyViolation, check_site_policy, load_site_policy  # noqa: E402
 from fopro_kd.training.components import (  # noqa: E402
     build_configured_prompt,
     build_federated_student,
     shared_teacher,
-    uses_teacher,
 )
 from fopro_kd.training.results import EpochResult  # noqa: E402
 from fopro_kd.training.trainer import LocalTrainer  # noqa: E402
@@ -149,11 +149,12 @@ def shares_class_counts(cfg: Config) -> bool:
 def loss_metric_keys(cfg: Config) -> list[str]:
     """Loss terms every site reports (same list everywhere; absent terms are sent as 0.0)."""
     keys: list[str] = []  # the total is sent as "train-loss"
-    if uses_teacher(cfg):
+    plan = resolve_run_plan(cfg)
+    if plan.uses_teacher:
         keys += ["loss_cls", "loss_aux", "loss_rep"]
     keys += list(client_hook(cfg.federation.strategy).loss_terms)  # e.g. FedProx's loss_prox
-    if cfg.train.method == "fopro-kd" and cfg.akd.mode != "off":
-        keys += [objective_metric_key(cfg.akd.mode), "prompt_reg"]
+    if plan.akd_mode != "off":
+        keys += [objective_metric_key(plan.akd_mode), "prompt_reg"]
     return keys
 
 
@@ -391,7 +392,7 @@ def handle_train(
         lambda: build_federated_student(cfg, num_classes, None if teacher is None else teacher.feature_dim,
                                         load_weights=False))
     # seeded after the student, which may or may not have been built here: the same prompt / probe init either way
-    torch.manual_seed(int(cfg.seed) * 1000 + spec.site_id)
+    torch.manual_seed(site_seed(cfg.seed, spec.site_id))
     prompt = build_configured_prompt(cfg, teacher)
     _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
     hook = client_hook(cfg.federation.strategy)  # the strategy's site side (client/strategy_hooks.py)
@@ -401,7 +402,7 @@ def handle_train(
     store = _state_store(context, spec, root, None if state_key is None else str(state_key), memory_state)
     persist = not memory_state or persists_round(cfg, server_round)
     ledger_store = ledger = None
-    if cfg.privacy.mode == "local":  # before anything is built: a site that cannot account does not train
+    if resolve_run_plan(cfg).local_dp:  # before anything is built: a site that cannot account does not train
         ledger_store, ledger = _open_ledger(context, spec, root)
     state = store.load(before_round=server_round if server_round > 0 else None)
     trainer = LocalTrainer(cfg, student, teacher, prompt, data.class_counts(), device)
@@ -501,7 +502,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
     evaluation then, and a site asked anyway (a misconfigured server) replies with an error.
     """
     _configure_threads(cfg)
-    if cfg.privacy.mode != "off":
+    if resolve_run_plan(cfg).any_dp:
         raise SiteSkipped(
             f"privacy.mode is {cfg.privacy.mode!r}: this site does not send evaluation counts (per-class correct/total "
             "on its local test split are outside the DP guarantee); federated evaluation is disabled in DP mode"

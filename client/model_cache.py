@@ -24,6 +24,7 @@ from collections.abc import Callable
 from torch import nn
 
 from fopro_kd.config import Config
+from fopro_kd.run_plan import resolve_run_plan
 
 __all__ = ["clear_model_cache", "reusable_module"]
 
@@ -56,7 +57,7 @@ def reusable_module(cfg: Config, num_classes: int, purpose: str, build: Callable
     With ``privacy.mode`` not ``off``, or ``federation.reuse_client_models: false``, every call builds a
     fresh module.
     """
-    if cfg.privacy.mode != "off" or not cfg.federation.reuse_client_models:
+    if resolve_run_plan(cfg).any_dp or not cfg.federation.reuse_client_models:
         return build()
     key = _architecture_key(cfg, num_classes, purpose)
     with _LOCK:

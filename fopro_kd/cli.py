@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from fopro_kd.models.weights import default_offline_hub
+
+default_offline_hub()  # before any command can reach the Hub (its docstring: hospitals have no Hub access)
 
 from fopro_kd.checkpoint import CheckpointError  # noqa: E402
 from fopro_kd.config import Config, ConfigError, load_config  # noqa: E402

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from fopro_kd.data.dataset import ImageSet
 from fopro_kd.data.transforms import to_float_on
 from fopro_kd.losses import representation_loss
+from fopro_kd.seeding import support_draw_seed
 
 __all__ = ["PROMPT_OBJECTIVES", "ObjectiveContext", "build_prompt_objective", "objective_metric_key", "support_fold"]
 
@@ -145,7 +146,7 @@ class PrototypeObjective(nn.Module):
         self.support = support_fold(ctx.data, ctx.support_per_class, ctx.seed)
         labels = ctx.data.labels.numpy()
         self.by_class = {int(c): self.support[labels[self.support] == c] for c in np.unique(labels[self.support])}
-        self.generator = np.random.default_rng(ctx.seed + 1)
+        self.generator = np.random.default_rng(support_draw_seed(ctx.seed))  # not the fold's own stream
         self.num_classes = len(ctx.class_counts)
 
     def prototypes(self) -> tuple[Tensor, Tensor]:

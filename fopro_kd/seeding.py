@@ -1,9 +1,15 @@
-"""Seeding and device selection: every run is reproducible from its config's seed."""
+"""Seeding and device selection: every run is reproducible from its config's seed.
+
+The seeds derived from a run's seed have their formulas here, each named, with why it has its
+offset (:func:`site_seed`, :func:`dp_stream_seeds`, :func:`support_draw_seed`): a caller uses the
+function, never the arithmetic, so two modules cannot derive "the same" seed differently.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,6 +21,56 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+class DPSeeds(NamedTuple):
+    """Seeds of the three random streams of one DP mechanism (:func:`dp_stream_seeds`)."""
+
+    sample: int
+    """Poisson sampling of the batches (which examples a step sees)."""
+    noise: int
+    """The Gaussian noise added to the clipped gradients."""
+    statistics: int
+    """The Gaussian noise of the released class counts."""
+
+
+def dp_stream_seeds(seed: int) -> DPSeeds:
+    """The sampling, gradient-noise and count-noise seeds of one DP-SGD run: ``seed``, ``seed + 1``, ``seed + 2``.
+
+    Why three offsets of one seed: the DP analysis assumes the batch sampling, the gradient noise
+    and the noise of the class-count release are independent draws; three generators seeded alike
+    would draw the same random sequence (the torch sampler and the torch noise generator would
+    replay each other's numbers). ``seed`` is secret (``secrets.randbits``) unless
+    ``privacy.noise_seed`` fixes it for reproducible tests, which voids the guarantee. Used by the
+    trainer's DP context (:mod:`fopro_kd.privacy.local_dp`) and the DP feature probe
+    (:mod:`fopro_kd.privacy.feature_probe`), so both draw the same streams from the same seed.
+    """
+    seed = int(seed)
+    return DPSeeds(sample=seed, noise=seed + 1, statistics=seed + 2)
+
+
+def site_seed(seed: int, site_id: int) -> int:
+    """The torch seed of a federated site's prompt and probe initialisation: ``seed * 1000 + site_id``.
+
+    Why: every hospital starts its own Fourier prompt and AKD probe (they never leave the site),
+    and the sites' initialisations should be different draws, yet reproducible from the run
+    seed. Seeding after the student (which may or may not be built in that call: the client
+    reuses models across rounds) gives the same initialisation either way. The factor 1000
+    keeps ``(seed, site_id)`` pairs apart for up to 1000 sites (seed 1, site 0 would otherwise
+    meet seed 0, site 1).
+    """
+    return int(seed) * 1000 + int(site_id)
+
+
+def support_draw_seed(seed: int) -> int:
+    """The seed of the prototype objective's per-step support draws: ``seed + 1``.
+
+    Why the offset: the support fold itself is drawn with ``seed``
+    (:func:`fopro_kd.prompt_objectives.support_fold`); the draws of support images at each step
+    come from a second generator, which with the same seed would start by replaying the
+    fold's own random numbers.
+    """
+    return int(seed) + 1
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -17,6 +17,7 @@ from fopro_kd.plots import (
     plot_weights_per_round,
 )
 from fopro_kd.run_dir import RunDir
+from fopro_kd.run_plan import resolve_run_plan
 from server.selection import ServerEvaluator
 from server.strategies import get_strategy_class
 from server.history import RoundRecorder
@@ -60,7 +61,7 @@ def final_metrics(cfg: Config, evaluator: ServerEvaluator, recorder: RoundRecord
         "rejected_aggregates": ({} if evaluator.guard is None
                                 else {str(r): v for r, v in sorted(evaluator.guard.aggregate_rejections.items())}),
     })
-    if cfg.privacy.mode != "off":
+    if resolve_run_plan(cfg).any_dp:
         metrics["privacy"] = _privacy_summary(cfg, evaluator, recorder)
         metrics["dp_epsilon_max"] = metrics["privacy"].get("epsilon_max")
         metrics["central_epsilon"] = metrics["privacy"].get("central_epsilon")
@@ -72,7 +73,7 @@ def _privacy_summary(cfg: Config, evaluator: ServerEvaluator, recorder: RoundRec
     p = cfg.privacy
     summary: dict[str, Any] = {"mode": p.mode, "delta": p.delta, "accountant": p.accountant,
                                "federated_evaluation": False}
-    if p.mode == "local":
+    if resolve_run_plan(cfg).local_dp:
         last = max(recorder.rounds) if recorder.rounds else 0
         per_site = recorder.epsilon_so_far(last)
         summary.update({

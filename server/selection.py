@@ -22,6 +22,7 @@ from fopro_kd.config import Config
 from fopro_kd.data.dataset import DatasetSplits
 from fopro_kd.round_schedule import evaluates_round
 from fopro_kd.run_dir import RunDir
+from fopro_kd.run_plan import resolve_run_plan
 from fopro_kd.seeding import select_device
 from fopro_kd.stats import PREDICTIONS_FILE
 from fopro_kd.training.single_site import (
@@ -157,6 +158,7 @@ class ServerEvaluator:
             "test_many_shot": None if test is None else test["many_shot"],
             "test_tail": None if test is None else test.get("tail"),
         }
+        local_dp = resolve_run_plan(self.cfg).local_dp
         names = self.splits.class_names
         recalls = {} if test is None else test["per_class_recall"]
         row.update({f"recall/{name}": recalls.get(name) for name in (recalls or names)})
@@ -176,9 +178,9 @@ class ServerEvaluator:
             if self.guard is not None:  # robust aggregation (docs/reliability.md): bound used, aggregate discarded
                 row["update_norm_bound"] = self.guard.norm_bounds.get(server_round)
                 row["aggregate_rejected"] = self.guard.aggregate_rejections.get(server_round, "")
-            if self.cfg.privacy.mode == "local":
+            if local_dp:
                 row["clients_declined"] = len(entry.budget_declines)  # out of privacy budget: no model sent
-        if self.cfg.privacy.mode == "local" and server_round > 0:
+        if local_dp and server_round > 0:
             row.update({f"epsilon/{site}": eps for site, eps in self.recorder.epsilon_so_far(server_round).items()})
         if self.central_dp is not None:
             row["central-epsilon"] = self.central_dp.epsilon()

@@ -30,14 +30,15 @@ aggregate (:mod:`server.strategies.central_dp`) and ``central-epsilon`` is recor
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from fopro_kd.models.weights import default_offline_hub
+
+default_offline_hub()  # before the Hub can be used: hospitals have no Hub access (its docstring)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -51,6 +52,7 @@ from fopro_kd.federation.sites import cached_splits, config_from_run_config  # n
 from fopro_kd.federation.wire import RUN_CONFIG_RESUME_DIR_KEY, STATE_KEY  # noqa: E402
 from fopro_kd.round_schedule import evaluates_round, persists_round  # noqa: E402
 from fopro_kd.run_dir import RunDir  # noqa: E402
+from fopro_kd.run_plan import resolve_run_plan  # noqa: E402
 from fopro_kd.run_report import try_write_run_report  # noqa: E402
 from server.checkpoints import (  # noqa: E402
     ResumeError,
@@ -201,7 +203,8 @@ def run_federation(
     strategy.evaluate_schedule = lambda server_round: evaluates_round(cfg, server_round)
     if cfg.prompt.scope == "federated":  # one prompt for every site: averaged while exploring, then frozen
         strategy.enable_federated_prompt(explore_rounds(cfg))
-    if cfg.privacy.mode == "central":  # Poisson sampling, DP-FedAvg with a fixed denominator (docs/privacy.md §3)
+    plan = resolve_run_plan(cfg)
+    if plan.central_dp:  # Poisson sampling, DP-FedAvg with a fixed denominator (docs/privacy.md §3)
         strategy.central_dp = evaluator.central_dp = CentralDP.from_config(cfg)
         strategy.central_dp.public_keys = evaluator.student.frozen_state_keys()
     done = 0
@@ -229,7 +232,7 @@ def run_federation(
                        max_update_norm=fed.max_update_norm, max_num_examples=fed.max_num_examples,
                        num_examples_growth=fed.num_examples_growth,
                        # central DP: whether a reply is kept must not depend on other sites' data (sensitivity)
-                       num_examples_peer_ratio=(float("inf") if cfg.privacy.mode == "central"
+                       num_examples_peer_ratio=(float("inf") if plan.central_dp
                                                 else fed.num_examples_peer_ratio))
     if resumed is not None:
         guard.load_state_dict(resumed.payload.get("guard"))

@@ -8,7 +8,7 @@ from typing import Any
 
 from fopro_kd.federated_prompt import check_federated_prompt
 from fopro_kd.config import Config, ConfigError
-from fopro_kd.training.components import uses_teacher
+from fopro_kd.run_plan import resolve_run_plan
 from server.strategies import ValidatedWeightedAvg, get_strategy_class
 from server.strategies.robust import RobustAggregate
 
@@ -20,8 +20,9 @@ __all__ = ["check_federation_config", "strategy_federation_config"]
 def check_federation_config(cfg: Config) -> None:
     """Fail at start-up, before any node does work, on federation settings that cannot run."""
     fed = cfg.federation
+    plan = resolve_run_plan(cfg)
     strategy_cls = get_strategy_class(fed.strategy)
-    if strategy_cls.needs_teacher_loss and not uses_teacher(cfg):
+    if strategy_cls.needs_teacher_loss and not plan.uses_teacher:
         raise ConfigError(
             f"'federation.strategy: {fed.strategy}' needs the teacher's representation loss for its robust factor, but "
             f"'train.method' is {cfg.train.method!r}; use method 'ekd' or 'fopro-kd'"
@@ -33,8 +34,8 @@ def check_federation_config(cfg: Config) -> None:
         )
     if fed.local_steps is not None and fed.local_steps <= 0:
         raise ConfigError(f"'federation.local_steps' must be > 0 or null, got {fed.local_steps}")
-    check_federated_prompt(cfg, cfg.teacher.input_size)
-    if cfg.privacy.mode == "central":  # DP-FedAvg with public uniform weights (docs/privacy.md §3)
+    check_federated_prompt(cfg, plan.teacher_input_size)
+    if plan.central_dp:  # DP-FedAvg with public uniform weights (docs/privacy.md §3)
         if issubclass(strategy_cls, RobustAggregate):
             raise ConfigError(
                 f"'federation.strategy: {fed.strategy}' cannot run with 'privacy.mode: central': DP-FedAvg's "
@@ -62,7 +63,7 @@ def strategy_federation_config(cfg: Config) -> Any:
     local test split, un-noised: outside the DP guarantee (docs/privacy.md §4), so it is off.
     """
     fed = cfg.federation
-    if cfg.privacy.mode != "off" and fed.fraction_evaluate > 0:
+    if resolve_run_plan(cfg).any_dp and fed.fraction_evaluate > 0:
         logger.warning(
             "privacy.mode %r: federated evaluation disabled (federation.fraction_evaluate %g -> 0): per-class counts on "
             "each hospital's local test split are outside the DP guarantee; the global model is scored on the "

@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 # OpenMP threads that spin-wait at every barrier make a 2-thread torch step 4-6x slower as soon
 # as another process wants a core (measured on the shared 2-core machines, docs/performance.md).
@@ -49,6 +48,10 @@ if __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ:
     os.environ["FOPRO_BENCH_OMP_SET"] = "1"
 
 import torch  # noqa: E402
+
+from fopro_kd.models.weights import default_offline_hub  # noqa: E402
+
+default_offline_hub()  # the benchmarked runs use no Hub (its docstring); the sub-processes inherit it
 
 from simulations.bench_common import environment, format_targets, loadavg  # noqa: E402
 

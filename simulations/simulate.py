@@ -23,8 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+from fopro_kd.models.weights import default_offline_hub  # noqa: E402
+
+default_offline_hub()  # before the Hub can be used (its docstring); the simulated clients inherit it
 
 from fopro_kd.config import Config  # noqa: E402
 from fopro_kd.run_dir import RunDir, default_run_dir  # noqa: E402

@@ -37,6 +37,7 @@ __all__ = [
     "check_state_dict_compatible",
     "checked_create_model",
     "create_timm_model",
+    "default_offline_hub",
     "feature_dim_of",
     "file_sha256",
     "read_state_dict",
@@ -257,6 +258,30 @@ def _hub_settings(timeout_s: float, offline: bool) -> Iterator[None]:
 
 def _env_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def default_offline_hub() -> None:
+    """Make offline the default for the Hugging Face Hub: ``HF_HUB_OFFLINE=1`` unless the user set it.
+
+    Why: a hospital's node usually has no route to the Hub, and a library that tries it waits on
+    network timeouts before failing; offline, a missing teacher fails at once with the message
+    of :func:`create_timm_model` naming ``teacher.file``. An explicit choice still wins:
+    ``HF_HUB_OFFLINE=0`` (or any value) in the environment is left as it is, so
+    ``teacher.source: hub`` can download where the Hub is reachable.
+
+    Called once at import by every entry point (the library CLI, the Flower client and server
+    apps, the simulation and the benchmarks), before their other imports. huggingface_hub reads
+    the variable into ``constants.HF_HUB_OFFLINE`` when it is first imported; importing this module
+    imports it (through timm), so when this call sets the variable it sets the constant too.
+    """
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm requires huggingface_hub
+        return
+    constants.HF_HUB_OFFLINE = True
 
 
 def create_timm_model(

@@ -56,7 +56,8 @@ from fopro_kd.privacy.accounting import (
     sample_rate_for,
 )
 from fopro_kd.privacy.sampling import physical_chunks
-from fopro_kd.run_plan import student_input_size
+from fopro_kd.run_plan import resolve_run_plan, student_input_size
+from fopro_kd.seeding import dp_stream_seeds
 
 if TYPE_CHECKING:  # pragma: no cover
     from fopro_kd.config import Config
@@ -77,7 +78,7 @@ def feature_probe_problem(cfg: Config) -> str | None:
         return f"student.init must be 'teacher' or 'imagenet' (public weights), got {cfg.student.init!r}"
     if cfg.augment.enabled:
         return "augment.enabled must be false (an augmented view is not a fixed function of the image)"
-    if cfg.train.method != "bsm" and cfg.train.method != "ce":
+    if resolve_run_plan(cfg).uses_teacher:
         return f"train.method must be 'bsm' or 'ce' (a linear probe; got {cfg.train.method!r})"
     return None
 
@@ -168,9 +169,10 @@ class FeatureProbe:
             seed = int(p.noise_seed)
             if self.private:
                 logger.warning("privacy.noise_seed is set: DP noise and sampling are reproducible, the guarantee is void")
-        self.sample_generator = torch.Generator().manual_seed(seed)
-        self.noise_generator = torch.Generator().manual_seed(seed + 1)
-        self.stats_generator = np.random.default_rng(seed + 2)
+        seeds = dp_stream_seeds(seed)
+        self.sample_generator = torch.Generator().manual_seed(seeds.sample)
+        self.noise_generator = torch.Generator().manual_seed(seeds.noise)
+        self.stats_generator = np.random.default_rng(seeds.statistics)
         self.shuffle_generator = torch.Generator().manual_seed(int(cfg.seed))
         counts = np.bincount(self.labels.numpy(), minlength=self.num_classes).astype(np.float64)
         self.noise_multiplier = 0.0
@@ -190,8 +192,7 @@ class FeatureProbe:
         else:
             self.prior_counts = np.maximum(counts, 1.0)
             self.released_counts = None
-        self.loss = build_classification_loss("ce" if cfg.train.method == "ce" else cfg.train.loss,
-                                              self.prior_counts, cfg.train)
+        self.loss = build_classification_loss(resolve_run_plan(cfg).classification_loss, self.prior_counts, cfg.train)
 
     def epsilon(self) -> float:
         """ε spent so far (class-count release + every logical DP-SGD step) at ``privacy.delta``."""

@@ -67,6 +67,8 @@ from fopro_kd.privacy.statistics import (
 )
 from fopro_kd.privacy.surgery import private_compatibility_problems
 from fopro_kd.prompt import prompt_input
+from fopro_kd.run_plan import resolve_run_plan
+from fopro_kd.seeding import dp_stream_seeds
 from fopro_kd.training.results import EpochResult, class_rep_prior
 from fopro_kd.training.teacher_view import teacher_features
 
@@ -224,7 +226,7 @@ class DPContext:
     def __init__(self, parts: DPParts) -> None:
         cfg = parts.cfg
         p = cfg.privacy
-        if p.mode != "local":
+        if not resolve_run_plan(cfg).local_dp:
             raise ValueError(f"DPContext is for privacy.mode 'local', got {p.mode!r}")
         problems = private_compatibility_problems(parts.student)
         if problems:
@@ -250,9 +252,10 @@ class DPContext:
         else:
             seed = int(p.noise_seed)
             logger.warning("privacy.noise_seed is set: DP noise and sampling are reproducible, the guarantee is void")
-        self.sample_generator = torch.Generator().manual_seed(seed)
-        self.noise_generator = torch.Generator(device=parts.device).manual_seed(seed + 1)
-        self.stats_generator = np.random.default_rng(seed + 2)
+        seeds = dp_stream_seeds(seed)
+        self.sample_generator = torch.Generator().manual_seed(seeds.sample)
+        self.noise_generator = torch.Generator(device=parts.device).manual_seed(seeds.noise)
+        self.stats_generator = np.random.default_rng(seeds.statistics)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from opacus import GradSampleModule

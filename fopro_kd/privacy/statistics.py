@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fopro_kd.config import Config
+from fopro_kd.run_plan import resolve_run_plan
 
 __all__ = [
     "PER_ROUND_STATISTICS_RELEASES",
@@ -53,7 +54,7 @@ def statistics_policy(cfg: Config) -> Literal["noised", "withheld", "raw"]:
     ``privacy.statistics`` (``"noised"`` or ``"withheld"``) whenever DP is on; ``"raw"`` only
     when ``privacy.mode`` is ``off`` (no guarantee is claimed then).
     """
-    if cfg.privacy.mode == "off":
+    if not resolve_run_plan(cfg).any_dp:
         return "raw"
     return cfg.privacy.statistics
 

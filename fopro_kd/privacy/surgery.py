@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from fopro_kd.config import Config
 from fopro_kd.models.student import EKDStudent
+from fopro_kd.run_plan import resolve_run_plan
 
 logger = logging.getLogger("fopro_kd.privacy")
 
@@ -53,7 +54,7 @@ def needs_private_student(cfg: Config) -> bool:
     aggregated BatchNorm ``running_var`` can make it negative, and BatchNorm statistics are a
     data summary outside the clipping of trainable weights' updates; GroupNorm has neither.
     """
-    return cfg.privacy.mode in ("local", "central")
+    return resolve_run_plan(cfg).any_dp
 
 
 # --------------------------------------------------------------------------- timm residual blocks

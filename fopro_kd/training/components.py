@@ -8,15 +8,17 @@ surgery of :mod:`fopro_kd.privacy.surgery`, which converts a given model and imp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 
-from fopro_kd.config import Config
+from fopro_kd.config import Config, TeacherConfig
 from fopro_kd.models.demo_teacher import demo_teacher_path
 from fopro_kd.models.student import EKDStudent, build_student
 from fopro_kd.models.teacher import FrozenTeacher, build_teacher
 from fopro_kd.privacy.surgery import make_student_private_compatible
 from fopro_kd.prompt import FourierPrompt, build_prompt
+from fopro_kd.run_plan import resolve_run_plan
 
 logger = logging.getLogger("fopro_kd.training")
 
@@ -25,11 +27,23 @@ _LOCK = threading.Lock()
 
 
 def uses_teacher(cfg: Config) -> bool:
-    return cfg.train.method in ("ekd", "fopro-kd")
+    """The method distils from the frozen teacher (:attr:`fopro_kd.run_plan.RunPlan.uses_teacher`)."""
+    return resolve_run_plan(cfg).uses_teacher
 
 
-def _teacher_key(cfg: Config) -> tuple:
-    t = cfg.teacher
+def _planned_teacher(cfg: Config) -> TeacherConfig:
+    """``cfg.teacher`` with the input size of the one rule (:func:`fopro_kd.run_plan.teacher_input_size`).
+
+    Only a demo teacher without ``teacher.input_size`` changes: it is built at ``data.image_size``,
+    the size it is pretrained (and cached) at, not at its architecture's ImageNet size.
+    """
+    size = resolve_run_plan(cfg).teacher_input_size
+    if size is None or size == cfg.teacher.input_size:
+        return cfg.teacher
+    return dataclasses.replace(cfg.teacher, input_size=size)
+
+
+def _teacher_key(t: TeacherConfig) -> tuple:
     return (t.arch, t.source, t.file, t.input_size, t.mean, t.std, tuple(sorted(t.model_kwargs.items())))
 
 
@@ -37,12 +51,13 @@ def shared_teacher(cfg: Config) -> FrozenTeacher | None:
     """The process-wide frozen teacher for ``cfg`` (None for methods without a teacher)."""
     if not uses_teacher(cfg):
         return None
-    key = _teacher_key(cfg)
+    planned = _planned_teacher(cfg)
+    key = _teacher_key(planned)
     with _LOCK:
         teacher = _TEACHERS.get(key)
         if teacher is None:
             demo_file = str(demo_teacher_path(cfg)) if cfg.teacher.source == "demo" else None
-            teacher = build_teacher(cfg.teacher, demo_file=demo_file)
+            teacher = build_teacher(planned, demo_file=demo_file)
             logger.info("teacher %s loaded: %s (feature dim %d)", teacher.arch, teacher.weights_desc, teacher.feature_dim)
             _TEACHERS[key] = teacher
         return teacher
@@ -83,7 +98,7 @@ def build_federated_student(
 ) -> EKDStudent:
     """The student every participant builds for ``cfg``: with DP on, the converted student of
     :func:`build_dp_student` (what the federation aggregates, docs/privacy.md)."""
-    if cfg.privacy.mode != "off":
+    if resolve_run_plan(cfg).any_dp:
         return build_dp_student(cfg, num_classes, teacher_dim, load_weights=load_weights)
     return build_configured_student(cfg, num_classes, teacher_dim, load_weights=load_weights)
 
@@ -103,7 +118,7 @@ def build_models(
 
 def build_configured_prompt(cfg: Config, teacher: FrozenTeacher | None) -> FourierPrompt | None:
     """A fresh Fourier prompt at the teacher's input size for ``fopro-kd``; None for the other methods."""
-    if cfg.train.method != "fopro-kd":
+    if not resolve_run_plan(cfg).uses_prompt:
         return None
     if teacher is None:
         raise ValueError("train.method 'fopro-kd' needs a teacher")

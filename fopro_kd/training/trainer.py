@@ -30,7 +30,7 @@ from fopro_kd.config import Config, feature_cache_problem
 from fopro_kd.data.batches import BatchLoader
 from fopro_kd.data.dataset import ImageSet
 from fopro_kd.data.transforms import BatchAugment, resize_batch, to_float_on
-from fopro_kd.losses import EKDLoss, build_classification_loss, representation_loss
+from fopro_kd.losses import build_classification_loss, build_ekd_loss, representation_loss
 from fopro_kd.models.student import EKDStudent
 from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.privacy.local_dp import DPContext, DPParts
@@ -48,7 +48,7 @@ from fopro_kd.training.feature_cache import (
 from fopro_kd.training.precision import autocast_context
 from fopro_kd.training.results import EpochResult
 from fopro_kd.training.teacher_view import teacher_features, teacher_targets
-from fopro_kd.run_plan import student_input_size
+from fopro_kd.run_plan import resolve_run_plan
 
 __all__ = ["LocalTrainer", "make_optimizer", "predict"]
 
@@ -84,28 +84,30 @@ class LocalTrainer:
         device: torch.device,
     ) -> None:
         self.cfg = cfg
-        self.method = cfg.train.method
-        if self.method in ("ekd", "fopro-kd") and teacher is None:
+        self.plan = resolve_run_plan(cfg)
+        """What the config resolves to (method traits, effective loss and AKD mode, sizes, DP flags)."""
+        self.method = self.plan.method
+        if self.plan.uses_teacher and teacher is None:
             raise ValueError(f"train.method {self.method!r} needs a teacher")
-        if self.method == "fopro-kd" and prompt is None:
-            raise ValueError("train.method 'fopro-kd' needs a prompt (FourierPrompt)")
+        if self.plan.uses_prompt and prompt is None:
+            raise ValueError(f"train.method {self.method!r} needs a prompt (FourierPrompt)")
         self.device = device
         self.student = student.to(device)
-        self.teacher = teacher.to(device) if teacher is not None and self.method in ("ekd", "fopro-kd") else None
-        self.prompt = prompt.to(device) if prompt is not None and self.method == "fopro-kd" else None
+        self.teacher = teacher.to(device) if teacher is not None and self.plan.uses_teacher else None
+        self.prompt = prompt.to(device) if prompt is not None and self.plan.uses_prompt else None
         self.class_counts = np.asarray(class_counts, dtype=np.int64)
         self.num_classes = len(self.class_counts)
-        self.student_size = student_input_size(cfg)
-        loss_name = "ce" if self.method == "ce" else cfg.train.loss
+        self.student_size = self.plan.student_input_size
+        loss_name = self.plan.classification_loss
         self.classification = build_classification_loss(loss_name, self.class_counts, cfg.train)
-        self.ekd = EKDLoss(self.classification, cfg.train.lambda_rep) if self.teacher is not None else None
+        self.ekd = build_ekd_loss(self.classification, self.class_counts, cfg.train) if self.teacher is not None else None
         self.augment = BatchAugment(cfg.augment)
         self.generator = torch.Generator().manual_seed(int(cfg.seed))
         self.optimizer = make_optimizer(
             [p for p in self.student.parameters() if p.requires_grad],
             cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, cfg.train.momentum,
         )
-        self.akd_mode = cfg.akd.mode if self.prompt is not None else "off"
+        self.akd_mode = self.plan.akd_mode  # "off" unless fopro-kd (then a prompt is given); DP may turn it off below
         self.probe: nn.Linear | None = None
         self.prompt_optimizer: torch.optim.Optimizer | None = None
         if self.akd_mode != "off":
@@ -124,7 +126,7 @@ class LocalTrainer:
         """Set by a federated-prompt client: the server says whether this round explores (federated_prompt.py)."""
         self.epochs_done = 0
         self.dp: DPContext | None = None  # privacy.mode local: DP-SGD state (fopro_kd/privacy/local_dp.py, docs/privacy.md)
-        if cfg.privacy.mode == "local":
+        if self.plan.local_dp:
             self.dp = DPContext(DPParts(
                 cfg=cfg, student=self.student, device=device, optimizer=self.optimizer, class_counts=self.class_counts,
                 loss_name=loss_name, teacher=self.teacher, prompt=self.prompt, probe=self.probe,
@@ -251,7 +253,7 @@ class LocalTrainer:
             if wants_cache and self.teacher is not None and self.feature_cache is None and not self.exploring:
                 self.enable_feature_cache(data)  # two_stage: exploration is over, the prompt freezes here
             loader.set_epoch(self.epochs_done)
-            self.classification.set_epoch(self.epochs_done, total_epochs)
+            (self.ekd or self.classification).set_epoch(self.epochs_done, total_epochs)  # EKD forwards it
             prompt_active = (self.akd_mode != "off" and self.epochs_done >= self.cfg.akd.warmup_epochs
                              and self.feature_cache is None)
             for images, labels, indices in loader:
@@ -292,10 +294,9 @@ class LocalTrainer:
         DP mode calls this with the class counts released by the Gaussian mechanism: private
         counts would make every example's gradient depend on the others.
         """
-        loss_name = "ce" if self.method == "ce" else self.cfg.train.loss
-        self.classification = build_classification_loss(loss_name, counts, self.cfg.train)
+        self.classification = build_classification_loss(self.plan.classification_loss, counts, self.cfg.train)
         if self.teacher is not None:
-            self.ekd = EKDLoss(self.classification, self.cfg.train.lambda_rep)
+            self.ekd = build_ekd_loss(self.classification, counts, self.cfg.train)
         if self.probe is not None:
             prior = counts / counts.sum()
             self._log_prior = torch.log(torch.as_tensor(prior, dtype=torch.float32) + 1e-12).to(self.device)
