@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# HAM10000 single site, lesion-grouped 5-fold cross-validation, BSM vs EKD vs two-stage FoPro-KD
+# (the protocol of docs/results.md "Statistics used"; every image tested once).
+#
+# Resumable: rerun the same command after a stop and finished runs are reused (--skip-finished;
+# a run is reused only when its config snapshot equals the one it would get). Teacher features
+# are kept in runs/feature-cache (train.feature_cache_dir), so a resumed EKD fold does not run
+# the teacher again. Cost on 2 CPU cores: BSM ~12 min, EKD ~25 min (half of it the 4-view
+# teacher cache), FoPro-KD ~35 min per fold: ~6 h for the 15 runs.
+#
+# Usage: simulations/queues/ham10000_5fold.sh [OUT]   (default runs/ham-5fold; needs ../shared)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${1:-runs/ham-5fold}"
+export HF_HUB_OFFLINE=1
+exec python -m simulations.benchmark_methods --config configs/ham10000-lt.yaml --out "$OUT" --skip-finished \
+  --methods ekd-cached bsm fopro-2s-radial-prototype --seeds 0 --folds 5 --reference ekd-cached \
+  --rare-classes df vasc akiec \
+  --set augment.color_jitter=[0,0,0,0] --set augment.affine_scale=[1,1] --set augment.rotation_degrees=0 \
+  --set augment.affine_translate=0 --set augment.teacher_view=flips --set akd.prompt_every=2 \
+  --set prompt.explore_epochs=1 --set train.feature_cache_dir=runs/feature-cache
