@@ -51,9 +51,11 @@ from fopro_kd.data import build_splits
 from fopro_kd.data.dataset import ImageSet
 from fopro_kd.data.splits import stratified_group_split
 from fopro_kd.data.transforms import to_float_on
+from fopro_kd.models.demo_teacher import demo_teacher_path
 from fopro_kd.models.teacher import FrozenTeacher, build_teacher
 from fopro_kd.prompt import radial_frequency, spectrum_multiplicity
 from fopro_kd.seeding import configure_threads, select_device
+from fopro_kd.training.components import planned_teacher
 from fopro_kd.training.teacher_view import teacher_features
 
 __all__ = [
@@ -168,10 +170,8 @@ def ncm_balanced_accuracy(
 
 def _probe_teacher(cfg: Config) -> FrozenTeacher:
     """The configured teacher, built as fopro_kd/training/components.py builds it (any ``train.method``)."""
-    from fopro_kd.models.demo_teacher import demo_teacher_path
-
     demo_file = str(demo_teacher_path(cfg)) if cfg.teacher.source == "demo" else None
-    teacher = build_teacher(cfg.teacher, demo_file=demo_file)
+    teacher = build_teacher(planned_teacher(cfg), demo_file=demo_file)  # the input size training uses
     logger.info("teacher %s loaded: %s (feature dim %d)", teacher.arch, teacher.weights_desc, teacher.feature_dim)
     return teacher
 

@@ -1,7 +1,8 @@
 """Seeding and device selection: every run is reproducible from its config's seed.
 
 The seeds derived from a run's seed have their formulas here, each named, with why it has its
-offset (:func:`site_seed`, :func:`dp_stream_seeds`, :func:`support_draw_seed`): a caller uses the
+offset (:func:`site_seed`, :func:`dp_stream_seeds`, :func:`support_draw_seed`, :func:`fold_run_seed`,
+:func:`local_test_seed`, :func:`site_style_seed`): a caller uses the
 function, never the arithmetic, so two modules cannot derive "the same" seed differently.
 """
 
@@ -87,3 +88,38 @@ def select_device(name: str = "auto") -> torch.device:
 def configure_threads(num_threads: int | None) -> None:
     if num_threads is not None and num_threads > 0:
         torch.set_num_threads(num_threads)
+
+
+FOLD_SEED_STRIDE = 1000
+"""Run seeds of the folds of one repeat are ``seed * FOLD_SEED_STRIDE + fold`` (folds < 1000)."""
+
+
+def fold_run_seed(seed: int, fold: int | None) -> int:
+    """The run seed of fold ``fold`` of repeat ``seed`` in a k-fold benchmark: ``seed * 1000 + fold``.
+
+    Why not ``seed`` for every fold: each fold is a separate training run, and its
+    initialisation and batch order should be independent draws (the fold interval of
+    :func:`fopro_kd.stats.fold_t_interval` treats them so); ``seed`` stays the label of the
+    repeat. Without folds (``fold`` None) the run seed is ``seed`` itself.
+    """
+    return int(seed) if fold is None else int(seed) * FOLD_SEED_STRIDE + int(fold)
+
+
+def local_test_seed(seed: int, site_id: int) -> int:
+    """The seed of site ``site_id``'s local test cut: ``seed * 1_000_003 + 7919 * (site_id + 1)``.
+
+    Why these constants: two primes keep every (run seed, site) pair on its own seed (no two
+    sites of one run, and no site of seed s and another of seed s + 1, share a cut), so a
+    site's local test images change with the run seed but never coincide with another site's draw.
+    """
+    return int(seed) * 1_000_003 + 7919 * (int(site_id) + 1)
+
+
+def site_style_seed(synthetic_seed: int, site_id: int, part: str) -> int:
+    """The seed that regenerates a synthetic site's ``part`` (``train`` or test) under its scanner style.
+
+    ``synthetic_seed * 1_000_003 + 104_729 * (site_id + 1) + (0 for train, 1 otherwise)``: a
+    distinct prime from :func:`local_test_seed`'s so style draws and test cuts never share a seed,
+    and the train and test images of one site are different draws.
+    """
+    return int(synthetic_seed) * 1_000_003 + 104_729 * (int(site_id) + 1) + (0 if part == "train" else 1)

@@ -27,6 +27,7 @@ import torch
 from fopro_kd.config import load_config
 from fopro_kd.data import BatchAugment, BatchLoader, build_splits, resize_batch, to_float_on
 from fopro_kd.data.cache import default_cache_dir
+from fopro_kd.run_plan import student_input_size
 from fopro_kd.data.dataset import ImageSet
 from fopro_kd.training.components import build_models, shared_teacher
 from fopro_kd.training.trainer import LocalTrainer
@@ -108,7 +109,7 @@ def bench_size(ham_root: Path, csv_path: Path, size: int, batch: int, pipe_batch
     splits = build_splits(cfg)
     cached_load = time.perf_counter() - start
     train = splits.train
-    student_size = cfg.student.input_size or size
+    student_size = student_input_size(cfg)
     augment = BatchAugment(cfg.augment)
 
     # the training step of this config (pipeline included: it is what an epoch costs)

@@ -40,18 +40,20 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from fopro_kd.models.weights import default_offline_hub  # noqa: E402
+
+default_offline_hub()
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from fopro_kd.config import load_config  # noqa: E402
+from fopro_kd.seeding import FOLD_SEED_STRIDE, fold_run_seed  # noqa: E402
 from fopro_kd.data import build_splits  # noqa: E402
 from fopro_kd.stats import (  # noqa: E402
     DEFAULT_BOOTSTRAP,
@@ -68,8 +70,6 @@ from fopro_kd.stats import (  # noqa: E402
 )
 from fopro_kd.training.single_site import train_single_site  # noqa: E402
 
-FOLD_SEED_STRIDE = 1000
-"""With ``--folds``, fold ``i`` of repeat ``seed`` trains with run seed ``seed * FOLD_SEED_STRIDE + i``."""
 METRICS = ("balanced_accuracy", "rare_recall")
 """The metrics of ``summary`` and ``paired``."""
 RARE_DEFAULT = 3
@@ -114,8 +114,8 @@ def variant_overrides(name: str, federated: bool) -> list[str]:
 
 
 def run_seed(seed: int, fold: int | None) -> int:
-    """The training seed of repeat ``seed`` on ``fold`` (``None``: no folds, the seed itself)."""
-    return seed if fold is None else seed * FOLD_SEED_STRIDE + fold
+    """The training seed of repeat ``seed`` on ``fold`` (:func:`fopro_kd.seeding.fold_run_seed`)."""
+    return fold_run_seed(seed, fold)
 
 
 def check_arguments(

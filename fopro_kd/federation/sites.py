@@ -29,6 +29,7 @@ from fopro_kd.data import build_splits
 from fopro_kd.data.dataset import DatasetSplits, ImageSet
 from fopro_kd.data.partition import partition_indices, split_local_test
 from fopro_kd.data.synthetic import SCANNER_STYLES, make_synthetic_imageset
+from fopro_kd.seeding import local_test_seed, site_style_seed
 from fopro_kd.federation.wire import (
     DATA_ROOT_KEY,
     NUM_PARTITIONS_KEY,
@@ -213,10 +214,6 @@ def _check_styles(cfg: Config) -> list[str]:
     return styles
 
 
-def _local_test_seed(cfg: Config, site_id: int) -> int:
-    return int(cfg.seed) * 1_000_003 + 7919 * (site_id + 1)
-
-
 def plan_sites(cfg: Config, splits: DatasetSplits, num_sites: int | None = None) -> list[SitePlan]:
     """Partition the training split into sites and cut each site's local test split.
 
@@ -231,7 +228,7 @@ def plan_sites(cfg: Config, splits: DatasetSplits, num_sites: int | None = None)
     plans = []
     for k, idx in enumerate(parts):
         train_idx, test_idx = split_local_test(
-            idx, labels, cfg.federation.partition.local_test_fraction, seed=_local_test_seed(cfg, k)
+            idx, labels, cfg.federation.partition.local_test_fraction, seed=local_test_seed(cfg.seed, k)
         )
         plans.append(SitePlan(k, train_idx, test_idx, styles[k % len(styles)] if styles else None))
     return plans
@@ -239,7 +236,7 @@ def plan_sites(cfg: Config, splits: DatasetSplits, num_sites: int | None = None)
 
 def _restyle(data: ImageSet, cfg: Config, site_id: int, style: str, part: str) -> ImageSet:
     """Regenerate a synthetic site set with the same class counts under the site's scanner style."""
-    seed = int(cfg.data.synthetic_seed) * 1_000_003 + 104_729 * (site_id + 1) + (0 if part == "train" else 1)
+    seed = site_style_seed(cfg.data.synthetic_seed, site_id, part)
     return make_synthetic_imageset(
         data.class_counts().tolist(), cfg.data.image_size, seed=seed, domain="hospital", style=style,
         class_names=data.class_names, id_prefix=f"site{site_id}-{part}",

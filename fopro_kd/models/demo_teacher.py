@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fopro_kd.checkpoint import _atomic_write_bytes
+from fopro_kd.run_plan import teacher_input_size
 
 logger = logging.getLogger("fopro_kd.models")
 
@@ -117,7 +118,7 @@ def demo_teacher_path(cfg, progress: bool = True) -> Path:
                 f"teacher.file {path} does not exist; run `fopro-kd teacher pretrain --out {path}` first"
             )
         return path
-    settings = DemoTeacherSettings(arch=cfg.teacher.arch, image_size=cfg.teacher.input_size or cfg.data.image_size)
+    settings = DemoTeacherSettings(arch=cfg.teacher.arch, image_size=int(teacher_input_size(cfg)))  # demo: known
     path = demo_teacher_file(settings, cfg.data.cache_dir)
     if not path.is_file():
         logger.warning("demo teacher not cached yet: pretraining %s on the synthetic public domain", settings.arch)

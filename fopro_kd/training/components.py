@@ -31,7 +31,7 @@ def uses_teacher(cfg: Config) -> bool:
     return resolve_run_plan(cfg).uses_teacher
 
 
-def _planned_teacher(cfg: Config) -> TeacherConfig:
+def planned_teacher(cfg: Config) -> TeacherConfig:
     """``cfg.teacher`` with the input size of the one rule (:func:`fopro_kd.run_plan.teacher_input_size`).
 
     Only a demo teacher without ``teacher.input_size`` changes: it is built at ``data.image_size``,
@@ -51,7 +51,7 @@ def shared_teacher(cfg: Config) -> FrozenTeacher | None:
     """The process-wide frozen teacher for ``cfg`` (None for methods without a teacher)."""
     if not uses_teacher(cfg):
         return None
-    planned = _planned_teacher(cfg)
+    planned = planned_teacher(cfg)
     key = _teacher_key(planned)
     with _LOCK:
         teacher = _TEACHERS.get(key)
