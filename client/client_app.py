@@ -85,11 +85,10 @@ from fopro_kd.federation.wire import (  # noqa: E402
     DP_DECLINE_KEY,
     POLICY_FILE_KEY,
     PROMPT_ARRAYS_KEY,
-    PROMPT_EXPLORE_KEY,
     ROBUST_FACTOR_KEY,
-    SERVER_ROUND_KEY,
     STATE_DIR_KEY,
-    STATE_KEY,
+    InstructionError,
+    TrainInstruction,
     site_name,
 )
 from fopro_kd.prompt_objectives import objective_metric_key  # noqa: E402
@@ -348,12 +347,12 @@ def _remember_in_context(context: Context, state: ClientState, digest: str | Non
 # --------------------------------------------------------------------------- handlers
 
 
-def _use_federated_prompt(msg: Message, config: ConfigRecord, cfg: Config, trainer: LocalTrainer) -> bool:
+def _use_federated_prompt(msg: Message, instruction: TrainInstruction, cfg: Config, trainer: LocalTrainer) -> bool:
     """``prompt.scope: federated``: load the server's prompt over the site's own and follow the server's
     exploration flag (fopro_kd/federated_prompt.py); returns whether this round explores."""
     if cfg.prompt.scope != "federated" or trainer.prompt is None:
         return False
-    exploring = bool(int(config.get(PROMPT_EXPLORE_KEY, 0)))
+    exploring = instruction.prompt_explore
     trainer.explore_override = exploring
     shared = msg.content.array_records.get(PROMPT_ARRAYS_KEY)
     if shared is not None:
@@ -383,8 +382,11 @@ def handle_train(
     if present == 1:
         logger.warning("%s: only one class in its training data (%s); training anyway", spec.node,
                        data.class_names[int(np.argmax(data.class_counts()))])
-    config = msg.content.config_records.get("config", ConfigRecord())
-    server_round = int(config.get(SERVER_ROUND_KEY, 0))
+    try:  # the server's values, typed once here (fopro_kd/federation/wire.py)
+        instruction = TrainInstruction.from_config(msg.content.config_records.get("config", ConfigRecord()))
+    except InstructionError as exc:
+        raise InstructionError(f"{spec.node}: refused the round: {exc}") from exc
+    server_round = instruction.server_round
     device = select_device(cfg.device)
     num_classes = data.train.num_classes
     student = reusable_module(  # built once per process; the global arrays (every key) are loaded next
@@ -397,7 +399,7 @@ def handle_train(
     _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
     hook = client_hook(cfg.federation.strategy)  # the strategy's site side (client/strategy_hooks.py)
 
-    state_key = config.get(STATE_KEY)
+    state_key = instruction.state_key
     root = _state_root(context, state_root)
     store = _state_store(context, spec, root, None if state_key is None else str(state_key), memory_state)
     persist = not memory_state or persists_round(cfg, server_round)
@@ -408,7 +410,7 @@ def handle_train(
     trainer = LocalTrainer(cfg, student, teacher, prompt, data.class_counts(), device)
     if state.trainer is not None:
         trainer.load_state_dict(state.trainer)
-    exploring_shared_prompt = _use_federated_prompt(msg, config, cfg, trainer)
+    exploring_shared_prompt = _use_federated_prompt(msg, instruction, cfg, trainer)
 
     dp = trainer.dp  # privacy.mode local: DP-SGD state; its accountant is the ledger's, never the state's
     epochs, max_steps = local_schedule(cfg, len(data.train))
@@ -430,7 +432,7 @@ def handle_train(
                                      delta=dp.delta, mechanism=dp.mechanism)
         dp.accountant = make_accountant(dp.mechanism, {"history": ledger.history(), "mechanism": dp.mechanism})
 
-    inputs = RoundInputs(cfg=cfg, instruction=dict(config), student=student, teacher=teacher, prompt=prompt,
+    inputs = RoundInputs(cfg=cfg, instruction=instruction, student=student, teacher=teacher, prompt=prompt,
                          data=data, device=device, dp=dp, node=spec.node, server_round=server_round)
     try:
         extra = hook.before_train(inputs)  # e.g. FedProx's anchor, FedMAS's prior (a DP release when noised)

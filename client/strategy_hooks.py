@@ -12,7 +12,6 @@ checks that both registries hold the same names.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from fopro_kd.config import Config
 from fopro_kd.federation.fedmas import fedmas_robust_factor
 from fopro_kd.federation.strategies import FEDMAS_STRATEGY
-from fopro_kd.federation.wire import FEDMAS_RULE_KEY, PROXIMAL_MU_KEY, ROBUST_FACTOR_KEY
+from fopro_kd.federation.wire import ROBUST_FACTOR_KEY, TrainInstruction
 from fopro_kd.privacy.statistics import statistics_policy, statistics_releases_per_round
 from fopro_kd.training.results import EpochResult, class_rep_prior
 
@@ -36,8 +35,8 @@ class RoundInputs:
     """What a hook may read in one train round (the site's own objects; nothing here leaves the site)."""
 
     cfg: Config
-    instruction: Mapping[str, Any]
-    """The server's train ConfigRecord (plain values)."""
+    instruction: TrainInstruction
+    """The server's train instruction, typed and checked at the boundary (fopro_kd/federation/wire.py)."""
     student: torch.nn.Module
     teacher: Any
     prompt: Any
@@ -74,7 +73,7 @@ class FedProxHook(ClientHook):
     loss_terms = ("loss_prox",)
 
     def before_train(self, inputs: RoundInputs) -> dict[str, Any]:
-        mu = float(inputs.instruction.get(PROXIMAL_MU_KEY, 0.0))
+        mu = inputs.instruction.proximal_mu
         # the anchor: the global student as received (restored to fp32), before any local step
         anchor = ({k: v.detach().clone() for k, v in inputs.student.state_dict().items()} if mu > 0 else None)
         return {"proximal_mu": mu, "global_params": anchor}
@@ -103,7 +102,7 @@ class FedMASHook(ClientHook):
             seen = result.class_seen.astype(np.float64)
             state = np.divide(result.class_rep_sum, seen, out=np.full_like(result.class_rep_sum, np.nan),
                               where=seen > 0)
-            rule = str(inputs.instruction.get(FEDMAS_RULE_KEY, inputs.cfg.federation.fedmas_rule))
+            rule = inputs.instruction.fedmas_rule or inputs.cfg.federation.fedmas_rule
             rho = float(fedmas_robust_factor(self.prior, state, rule))
         else:
             logger.info("%s round %d: FedMAS statistics withheld (privacy.statistics); robust factor not sent",

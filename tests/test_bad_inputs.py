@@ -489,6 +489,8 @@ def test_client_refuses_bad_instructions_naming_the_node(tmp_path: Path) -> None
         arrays = ArrayRecord({k: v for k, v in student.state_dict().items()})
         with pytest.raises(RuntimeError, match=r"node 100 \(site-0\).*refusing state key '\.\./\.\./outside'"):  # 54
             app(_train_instruction(arrays, 100, **{"state-key": "../../outside"}), ctx)
+        with pytest.raises(RuntimeError, match=r"node 100 \(site-0\).*'proximal-mu' must be a finite number"):
+            app(_train_instruction(arrays, 100, **{"proximal-mu": "abc"}), ctx)
     finally:
         torch.set_num_threads(threads)
     assert not (tmp_path / "outside").exists() and not (tmp_path.parent / "outside").exists()

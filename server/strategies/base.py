@@ -54,6 +54,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fopro_kd.compression import SUPPORTED_DTYPES, encode_for_transfer, restore_numpy_dtypes
 from fopro_kd.config import ConfigError
 from fopro_kd.federated_prompt import PROMPT_ARRAYS_KEY, PROMPT_EXPLORE_KEY, average_prompts, prompt_problem
+from fopro_kd.federation.wire import SERVER_ROUND_KEY
 from server.validation import NUM_EXAMPLES_KEY, reason_check, to_numpy_dict, validate_arrays, validate_metrics
 
 __all__ = ["ValidatedWeightedAvg", "weighted_mean_metrics"]
@@ -288,7 +289,7 @@ class ValidatedWeightedAvg(FedAvg):
         node_ids = self.central_dp.sample_clients(all_nodes)
         log(INFO, "configure_train: central DP, Poisson sampling (q = %.4g) of %d node(s)",
             self.central_dp.sample_rate, len(all_nodes))
-        config["server-round"] = server_round
+        config[SERVER_ROUND_KEY] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return list(self._construct_messages(record, node_ids, MessageType.TRAIN))
 
