@@ -84,8 +84,12 @@ from fopro_kd.federation.wire import (  # noqa: E402
     DP_BUDGET_MARKER,
     DP_DECLINE_KEY,
     POLICY_FILE_KEY,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
     PROMPT_ARRAYS_KEY,
+    REPLY_SITE_ID_KEY,
     ROBUST_FACTOR_KEY,
+    SITE_ID_KEY,
     STATE_DIR_KEY,
     InstructionError,
     TrainInstruction,
@@ -268,10 +272,10 @@ def _dp_train_metrics(
     counts = dp.shared_class_counts()  # released once by the Gaussian mechanism (accounted); None when withheld
     num_examples = 1 if counts is None else max(1, int(round(float(np.sum(counts)))))
     metrics: dict[str, Any] = {
-        "num-examples": num_examples,
+        NUM_EXAMPLES_KEY: num_examples,
         "num-steps": int(result.num_steps),
         "train-seconds": float(train_seconds),
-        "site-id": int(spec.site_id),
+        REPLY_SITE_ID_KEY: int(spec.site_id),
     }
     metrics.update(strategy_metrics)  # the hook's values: released statistics only (FedMAS: noised or 0.0)
     if shares_class_counts(cfg) and counts is not None:
@@ -285,11 +289,11 @@ def _train_metrics(
     strategy_metrics: dict[str, Any],
 ) -> MetricRecord:
     metrics: dict[str, Any] = {
-        "num-examples": int(len(data.train)),
+        NUM_EXAMPLES_KEY: int(len(data.train)),
         "examples-seen": int(result.num_examples),
         "num-steps": int(result.num_steps),
         "train-seconds": float(train_seconds),
-        "site-id": int(spec.site_id),
+        REPLY_SITE_ID_KEY: int(spec.site_id),
         "train-loss": float(result.losses.get("loss", 0.0)),
     }
     for key in loss_metric_keys(cfg):
@@ -309,7 +313,7 @@ def decline_reply(msg: Message, spec: SiteSpec, context: Context, trainer: Local
     """
     text = f"{spec.node}: {DP_BUDGET_MARKER}: {reason}"
     logger.warning("%s", text)
-    metrics = MetricRecord({"site-id": int(spec.site_id), DP_DECLINE_KEY: 1, **trainer.dp.metrics()})
+    metrics = MetricRecord({REPLY_SITE_ID_KEY: int(spec.site_id), DP_DECLINE_KEY: 1, **trainer.dp.metrics()})
     content = RecordDict({"metrics": metrics, DECLINE_RECORD_KEY: ConfigRecord({"reason": text})})
     return Message(content=content, reply_to=msg)
 
@@ -520,8 +524,8 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
     n = int(sum(total))
     recalls = [c / t for c, t in zip(correct, total) if t > 0]
     metrics = MetricRecord({
-        "num-examples": n,
-        "site-id": int(spec.site_id),
+        NUM_EXAMPLES_KEY: n,
+        REPLY_SITE_ID_KEY: int(spec.site_id),
         "correct-counts": correct,
         "total-counts": total,
         "accuracy": float(sum(correct) / n) if n else 0.0,
@@ -550,7 +554,7 @@ def _with_node_context(fn: Callable[[], Message], context: Context) -> Message:
         raise
     except Exception as exc:
         where = f"node {context.node_id}"
-        pid = context.node_config.get("partition-id", context.node_config.get("site-id"))
+        pid = context.node_config.get(PARTITION_ID_KEY, context.node_config.get(SITE_ID_KEY))
         if pid is not None:
             where += f" ({site_name(int(pid))})"
         logger.exception("%s: client handler failed", where)

@@ -28,7 +28,7 @@ from typing import Any
 from flwr.app import Message, MetricRecord
 from flwr.common import log
 
-from fopro_kd.federation.wire import site_name
+from fopro_kd.federation.wire import CLASS_COUNTS_KEY, REPLY_SITE_ID_KEY, ROBUST_FACTOR_KEY, site_name
 
 __all__ = ["RoundLog", "RoundRecorder"]
 
@@ -136,7 +136,7 @@ class RoundRecorder:
         node = int(msg.metadata.src_node_id)
         if not msg.has_error():
             record = _metrics(msg)
-            value = None if record is None else record.get("site-id")
+            value = None if record is None else record.get(REPLY_SITE_ID_KEY)
             if isinstance(value, int) and not isinstance(value, bool):
                 self.node_sites[node] = site_name(value)
         elif node not in self.node_sites:
@@ -166,10 +166,10 @@ class RoundRecorder:
                 seconds = record.get("train-seconds")
                 if isinstance(seconds, (int, float)):
                     entry.train_seconds[site] = float(seconds)
-                counts = record.get("class-counts")
+                counts = record.get(CLASS_COUNTS_KEY)
                 if isinstance(counts, list):
                     entry.class_counts[site] = [int(c) for c in counts]
-                rho = record.get("robust-factor")
+                rho = record.get(ROBUST_FACTOR_KEY)
                 if isinstance(rho, (int, float)) and not isinstance(rho, bool):
                     entry.robust_factors[site] = float(rho)
                 self._record_epsilon(entry, site, record)

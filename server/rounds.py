@@ -57,7 +57,14 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fopro_kd.federation.wire import DECLINE_RECORD_KEY, DP_BUDGET_MARKER, DP_DECLINE_KEY, site_name
+from fopro_kd.federation.wire import (
+    DECLINE_RECORD_KEY,
+    DP_BUDGET_MARKER,
+    DP_DECLINE_KEY,
+    NUM_EXAMPLES_KEY,
+    REPLY_SITE_ID_KEY,
+    site_name,
+)
 
 from server.history import RoundRecorder
 from fopro_kd.federation.errors import redact_error_reason
@@ -79,7 +86,7 @@ __all__ = [
     "undecodable_reason",
 ]
 
-NUM_EXAMPLES = "num-examples"
+NUM_EXAMPLES = NUM_EXAMPLES_KEY
 
 
 class FederationAborted(RuntimeError):
@@ -222,7 +229,7 @@ def reply_order(msg: Message) -> tuple[int, int, int]:
         return (1, 0, node)
     records = msg.content.metric_records
     record = records.get("metrics") or (next(iter(records.values())) if len(records) == 1 else None)
-    site = None if record is None else record.get("site-id")
+    site = None if record is None else record.get(REPLY_SITE_ID_KEY)
     if isinstance(site, int) and not isinstance(site, bool):
         return (0, site, node)
     return (0, 1 << 62, node)
@@ -332,7 +339,7 @@ class RoundGuard:
 
     def _site_key(self, msg: Message) -> str:
         record = _metric_record(msg)
-        site = None if record is None else record.get("site-id")
+        site = None if record is None else record.get(REPLY_SITE_ID_KEY)
         if isinstance(site, int) and not isinstance(site, bool):
             # a reply rejected here never reaches the recorder: name its node now (as the recorder would)
             self.recorder.node_sites.setdefault(int(msg.metadata.src_node_id), site_name(site))

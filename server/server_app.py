@@ -49,7 +49,7 @@ from fopro_kd.config import Config  # noqa: E402
 from fopro_kd.federated_prompt import explore_rounds  # noqa: E402
 from fopro_kd.federation.evaluation import build_global_student  # noqa: E402
 from fopro_kd.federation.sites import cached_splits, config_from_run_config  # noqa: E402
-from fopro_kd.federation.wire import RUN_CONFIG_RESUME_DIR_KEY, STATE_KEY  # noqa: E402
+from fopro_kd.federation.wire import REPLY_SITE_ID_KEY, RUN_CONFIG_RESUME_DIR_KEY, STATE_KEY  # noqa: E402
 from fopro_kd.round_schedule import evaluates_round, persists_round  # noqa: E402
 from fopro_kd.run_dir import RunDir  # noqa: E402
 from fopro_kd.run_plan import resolve_run_plan  # noqa: E402
@@ -106,7 +106,7 @@ def aggregate_metrics(contents: list[RecordDict], weighted_by_key: str) -> Metri
     """
     records = [c.metric_records.get("metrics") or next(iter(c.metric_records.values())) for c in contents]
     counts = np.asarray([float(r[weighted_by_key]) for r in records], dtype=np.float64)
-    aggregated = weighted_mean_metrics(records, counts, skip=(weighted_by_key, "site-id"))
+    aggregated = weighted_mean_metrics(records, counts, skip=(weighted_by_key, REPLY_SITE_ID_KEY))
     aggregated[weighted_by_key] = int(counts.sum())
     return aggregated
 

@@ -42,3 +42,45 @@ def test_round_trip_and_defaults() -> None:
 def test_bad_values_name_the_key(config, message) -> None:
     with pytest.raises(InstructionError, match=message):
         TrainInstruction.from_config(config)
+
+
+# ---------------------------------------------------------------------------- one home for wire keys
+import ast  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import fopro_kd.federation.wire as wire  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WIRE_VALUES = {v for k, v in vars(wire).items() if k.endswith("_KEY") and isinstance(v, str)} - {"prompt"}
+"""``"prompt"`` (the shared prompt's ArrayRecord) is also an ordinary word of reports and configs: not scanned."""
+STATE_FORMAT_FILES = {"client/state.py"}
+"""The site's own state files use some of the same words as their own field names (not messages)."""
+
+
+def wire_literals(source: str) -> list[tuple[int, str]]:
+    """String constants in code (docstrings excluded) equal to a wire key's value."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in WIRE_VALUES
+            and id(node) not in docstrings]
+
+
+def test_the_wire_scan_finds_a_literal_key() -> None:
+    assert wire_literals('x = record.get("site-id")\n') == [(1, "site-id")]
+    assert wire_literals('"""mentions "site-id" in a docstring"""\n') == []
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for folder in ("client", "server")
+                                        for p in (ROOT / folder).rglob("*.py")))
+def test_apps_spell_wire_keys_through_wire_py(path: str) -> None:
+    """Every message, metric and node-config key the apps exchange is named through fopro_kd/federation/wire.py."""
+    if path in STATE_FORMAT_FILES:
+        pytest.skip("state-file format, not a message")
+    found = wire_literals((ROOT / path).read_text())
+    if path == "client/client_app.py":  # the context.state record mirrors the state file's own field names
+        found = [(line, v) for line, v in found if v != "site-id" or "state.site_id" not in
+                 (ROOT / path).read_text().splitlines()[line - 1]]
+    assert found == [], f"{path}: wire keys spelled as literals (use fopro_kd/federation/wire.py): {found}"

@@ -16,7 +16,7 @@ from fopro_kd.federation.fedmas import FEDMAS_RULES
 __all__ = [
     "CLASS_COUNTS_KEY", "DATA_ROOT_KEY", "DECLINE_RECORD_KEY", "DP_BUDGET_MARKER", "DP_DECLINE_KEY",
     "FEDMAS_RULE_KEY", "NUM_EXAMPLES_KEY", "NUM_PARTITIONS_KEY", "PARTITION_ID_KEY", "POLICY_FILE_KEY",
-    "PROMPT_ARRAYS_KEY", "PROMPT_EXPLORE_KEY", "PROXIMAL_MU_KEY", "ROBUST_FACTOR_KEY", "RUN_CONFIG_FILE_KEY",
+    "PROMPT_ARRAYS_KEY", "PROMPT_EXPLORE_KEY", "PROXIMAL_MU_KEY", "REPLY_SITE_ID_KEY", "ROBUST_FACTOR_KEY", "RUN_CONFIG_FILE_KEY",
     "RUN_CONFIG_OUT_DIR_KEY", "RUN_CONFIG_OVERRIDES_KEY", "RUN_CONFIG_RESUME_DIR_KEY", "SERVER_ROUND_KEY",
     "SITE_ID_KEY", "STATE_DIR_KEY", "STATE_KEY", "InstructionError", "TrainInstruction", "site_name",
 ]
@@ -34,6 +34,8 @@ PROMPT_ARRAYS_KEY = "prompt"
 """``prompt.scope: federated``: ArrayRecord of the shared prompt (both ways)."""
 
 # --- replies (site -> server), MetricRecord "metrics"
+REPLY_SITE_ID_KEY = "site-id"
+"""Every reply names its site (the server maps node ids to sites with it)."""
 NUM_EXAMPLES_KEY = "num-examples"
 CLASS_COUNTS_KEY = "class-counts"
 ROBUST_FACTOR_KEY = "robust-factor"
