@@ -127,8 +127,12 @@ def test_two_stage_bad_input_is_refused_at_load() -> None:
         cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 3})
     with pytest.raises(ConfigError, match="teacher_view"):
         cfg_of(prompt={"schedule": "two_stage"}, augment={"teacher_view": "augmented"})
-    with pytest.raises(ConfigError, match="fopro-kd"):
-        cfg_of(prompt={"schedule": "two_stage"}, train={"method": "ekd"})
+    # methods without a prompt ignore prompt.* (one config serves every method of a comparison) ...
+    assert cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 3}, train={"method": "ekd"}).train.method == "ekd"
+    bsm = cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 3}, train={"method": "bsm"})
+    # ... and the trainer does not run a two-stage schedule for them
+    assert not LocalTrainer(bsm, build_student(bsm.student, 3, None), None, None, [4, 4, 4],
+                            torch.device("cpu")).two_stage
 
 
 def test_cache_over_the_memory_limit_is_refused_before_training(data, teacher) -> None:
