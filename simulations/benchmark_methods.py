@@ -52,7 +52,7 @@ default_offline_hub()
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from fopro_kd.config import load_config  # noqa: E402
+from fopro_kd.config import ConfigError, config_from_dict, load_config  # noqa: E402
 from fopro_kd.seeding import FOLD_SEED_STRIDE, fold_run_seed  # noqa: E402
 from fopro_kd.data import build_splits  # noqa: E402
 from fopro_kd.stats import (  # noqa: E402
@@ -160,14 +160,21 @@ def finished_run_metrics(cfg_dict: dict[str, Any], out: Path) -> dict[str, Any] 
     """The metrics of a run already finished in ``out`` with exactly this config, else ``None``.
 
     Finished = ``metrics.json`` and the test predictions exist (both are written atomically, the
-    metrics last) and the run's ``config.yaml`` snapshot equals the config that would run now, so
-    a queue stopped halfway (a session's end, a crash) resumes where it stopped and never reuses
-    a run made with other settings.
+    metrics last) and the run's ``config.yaml`` snapshot, read back as a config, equals the
+    config that would run now, so a queue stopped halfway (a session's end, a crash) resumes
+    where it stopped and never reuses a run made with other settings. Reading the snapshot
+    back fills fields added to the config since the run with their defaults, which by the
+    project's rule reproduce the earlier behaviour; a snapshot that no longer validates is
+    not reused.
     """
     metrics_file, config_file = out / "metrics.json", out / "config.yaml"
     if not (metrics_file.is_file() and (out / PREDICTIONS_FILE).is_file() and config_file.is_file()):
         return None
-    if yaml.safe_load(config_file.read_text()) != yaml.safe_load(yaml.safe_dump(cfg_dict, sort_keys=False)):
+    try:
+        saved = config_from_dict(yaml.safe_load(config_file.read_text()) or {}, str(config_file)).to_dict()
+    except ConfigError:
+        return None
+    if saved != config_from_dict(cfg_dict).to_dict():
         return None
     return json.loads(metrics_file.read_text())
 
