@@ -333,10 +333,14 @@ def seed_and_image_interval(per_seed: Sequence[float] | np.ndarray, image_se: fl
     if len(diffs) < 2:
         return {"seed_sd": None, "image_se": float(image_se), "ci95_total_low": None, "ci95_total_high": None}
     seed_sd = float(np.std(diffs, ddof=1))
-    half = float(scipy_stats.t.ppf(0.975, len(diffs) - 1)) * math.sqrt(seed_sd**2 / len(diffs) + image_se**2)
-    mean = float(diffs.mean())
-    return {"seed_sd": seed_sd, "image_se": float(image_se), "ci95_total_low": mean - half,
-            "ci95_total_high": mean + half}
+    low, high = _t_bounds(float(diffs.mean()), math.sqrt(seed_sd**2 / len(diffs) + image_se**2), len(diffs) - 1)
+    return {"seed_sd": seed_sd, "image_se": float(image_se), "ci95_total_low": low, "ci95_total_high": high}
+
+
+def _t_bounds(center: float, se: float, dof: int) -> tuple[float, float]:
+    """``center ± t(0.975, dof) · se``: the Student-t 95% bounds both seed-aware intervals use."""
+    half = float(scipy_stats.t.ppf(0.975, dof)) * se
+    return center - half, center + half
 
 
 def _draw_counts(draws: np.ndarray, n: int) -> np.ndarray:
@@ -370,6 +374,5 @@ def fold_t_interval(per_fold: Sequence[float] | np.ndarray, center: float, folds
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
     sd = float(np.std(diffs, ddof=1))
-    half = float(scipy_stats.t.ppf(0.975, len(diffs) - 1)) * sd * math.sqrt(1.0 / len(diffs) + 1.0 / (folds - 1))
-    return {"seed_sd": sd, "image_se": None, "ci95_total_low": float(center) - half,
-            "ci95_total_high": float(center) + half}
+    low, high = _t_bounds(float(center), sd * math.sqrt(1.0 / len(diffs) + 1.0 / (folds - 1)), len(diffs) - 1)
+    return {"seed_sd": sd, "image_se": None, "ci95_total_low": low, "ci95_total_high": high}

@@ -182,21 +182,20 @@ def finished_run_metrics(cfg_dict: dict[str, Any], out: Path) -> dict[str, Any] 
 def _run_variant(config: str, overrides: list[str], out: Path, splits, federated: bool,
                  skip_finished: bool = False) -> dict:
     cfg = load_config(config, overrides)
-    done = finished_run_metrics(cfg.to_dict(), out) if skip_finished else None
-    if done is not None:
+    metrics = finished_run_metrics(cfg.to_dict(), out) if skip_finished else None
+    if metrics is not None:
         logging.getLogger("fopro_kd").info("%s: finished with this config, reused (--skip-finished)", out)
-        if not federated:
-            return {**done, "seconds": done["mean_epoch_seconds"]}
-        return {**done, "seconds": done["mean_round_seconds"], "best_epoch": done["best_round"]}
-    if not federated:
+    elif not federated:
         metrics = train_single_site(cfg, out, progress=False, splits=splits)
-        return {**metrics, "seconds": metrics["mean_epoch_seconds"]}
-    from simulations.simulate import run_simulation_from_config
+    else:
+        from simulations.simulate import run_simulation_from_config
 
-    status = run_simulation_from_config(cfg, out_dir=str(out))
-    if status:
-        raise RuntimeError(f"simulation {out} ended with status {status}")
-    metrics = json.loads((out / "metrics.json").read_text())
+        status = run_simulation_from_config(cfg, out_dir=str(out))
+        if status:
+            raise RuntimeError(f"simulation {out} ended with status {status}")
+        metrics = json.loads((out / "metrics.json").read_text())
+    if not federated:
+        return {**metrics, "seconds": metrics["mean_epoch_seconds"]}
     return {**metrics, "seconds": metrics["mean_round_seconds"], "best_epoch": metrics["best_round"]}
 
 
@@ -315,15 +314,12 @@ def paired_statistics(
         raise ValueError(f"the runs cannot be paired: {exc}") from exc
     labels = anchor.labels
     predicted = {m: np.stack([pooled[(m, s)].predicted for s in seeds]) for m in methods}
-    metric_fns = {
-        "balanced_accuracy": lambda p: balanced_accuracy(labels, p),
-        "rare_recall": lambda p: mean_recall(labels, p, rare),
-    }
+    metric_fns = metric_fns_of(rare)
     summary: dict[str, Any] = {}
     for m in methods:
         summary[m] = {}
         for metric, fn in metric_fns.items():
-            values = [fn(row) for row in predicted[m]]
+            values = [fn(labels, row) for row in predicted[m]]
             summary[m][metric] = {
                 "mean": float(np.mean(values)),
                 "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
@@ -339,7 +335,7 @@ def paired_statistics(
                                       classes=None if metric == "balanced_accuracy" else rare,
                                       n_boot=n_boot, seed=bootstrap_seed)
             if folds > 1:  # k-fold: the per-fold differences carry the training noise
-                per_fold = _per_fold_differences(predictions, m, reference, seeds, metric_fns_of(rare)[metric])
+                per_fold = _per_fold_differences(predictions, m, reference, seeds, metric_fns[metric])
                 result = {**result, **fold_t_interval(per_fold, result["mean_diff"], folds), "per_fold": per_fold}
             paired[m][metric] = {
                 **{k: result[k] for k in ("mean_diff", "ci95_low", "ci95_high", "per_seed", "seed_sd", "image_se",

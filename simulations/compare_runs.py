@@ -74,8 +74,10 @@ def compare_runs(
     for m, dirs in variants.items():
         for s, d in zip(seeds, dirs):
             predictions[(m, s)] = [load_predictions(d)]
+    run_metrics = {d: json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+                   for dirs in variants.values() for d in dirs}
     anchor_dir = variants[reference][0]
-    metrics = json.loads((anchor_dir / "metrics.json").read_text()) if (anchor_dir / "metrics.json").is_file() else {}
+    metrics = run_metrics[anchor_dir]
     class_names = predictions[(reference, seeds[0])][0].class_names
     counts_train = metrics.get("train_counts")
     train_counts = [counts_train[c] for c in class_names] if isinstance(counts_train, dict) else counts_train
@@ -85,13 +87,12 @@ def compare_runs(
     rows = []
     for m, dirs in variants.items():
         for s, d in zip(seeds, dirs):
-            pred = predictions[(m, s)][0]
-            run_metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+            pred, done = predictions[(m, s)][0], run_metrics[d]
             rows.append({
                 "method": m, "seed": s, "run": str(d),
-                "balanced_accuracy": run_metrics.get("balanced_accuracy"),
+                "balanced_accuracy": done.get("balanced_accuracy"),
                 "rare_recall": mean_recall(pred.labels, pred.predicted, rare),
-                "seconds_per_epoch": run_metrics.get("mean_epoch_seconds", run_metrics.get("mean_round_seconds")),
+                "seconds_per_epoch": done.get("mean_epoch_seconds", done.get("mean_round_seconds")),
             })
     try:
         stats = paired_statistics(predictions, methods, seeds, reference, rare, n_boot)

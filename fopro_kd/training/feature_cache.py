@@ -119,14 +119,12 @@ class TeacherFeatureCache:
     ) -> None:
         if view_set not in VIEW_COUNTS:
             raise ValueError(f"teacher feature cache: view set must be one of {sorted(VIEW_COUNTS)}, got {view_set!r}")
-        self.num_views = VIEW_COUNTS[view_set]
-        self.num_images = len(data)
         self.view_set = view_set
-        self.nbytes = check_cache_size(self.num_images, view_set, teacher.feature_dim, dtype, max_gb)
-        features = torch.zeros(self.num_views, self.num_images, teacher.feature_dim, dtype=_DTYPES[dtype])
-        for start in range(0, self.num_images, batch_size):
+        check_cache_size(len(data), view_set, teacher.feature_dim, dtype, max_gb)
+        features = torch.zeros(VIEW_COUNTS[view_set], len(data), teacher.feature_dim, dtype=_DTYPES[dtype])
+        for start in range(0, len(data), batch_size):
             x = to_float_on(data.images[start : start + batch_size], device)
-            for view in range(self.num_views):
+            for view in range(features.shape[0]):
                 xv = apply_flip_view(x, torch.full((x.shape[0],), view)) if view else x
                 if pre_size is not None:  # teacher_view 'student': the student's resolution, flipped first as online
                     xv = resize_batch(xv, pre_size)
@@ -138,11 +136,21 @@ class TeacherFeatureCache:
     def from_features(cls, features: Tensor, view_set: str) -> TeacherFeatureCache:
         """A cache around already computed ``features`` (views, images, dim), e.g. read from disk."""
         cache = cls.__new__(cls)
-        cache.num_views, cache.num_images = int(features.shape[0]), int(features.shape[1])
-        cache.view_set = view_set
-        cache.nbytes = features.numel() * features.element_size()
-        cache.features = features
+        cache.view_set, cache.features = view_set, features
         return cache
+
+    @property
+    def num_views(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def num_images(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (what ``train.max_cache_gb`` and the memo's bound count)."""
+        return self.features.numel() * self.features.element_size()
 
     def lookup(self, indices: Tensor, views: Tensor | None = None) -> Tensor:
         """float32 targets of images ``indices`` in views ``views`` (None: view 0)."""
@@ -184,15 +192,16 @@ def feature_file(directory: str | Path, key: str, data: ImageSet, teacher_record
     return Path(directory).expanduser() / f"teacher-features-{digest.hexdigest()[:32]}.pt"
 
 
-def _read_feature_file(path: Path, key: str, expected: tuple[int, int, int], dtype: str) -> Tensor | None:
-    """The stored features when ``path`` holds exactly this key, shape and dtype; else ``None`` (rebuild)."""
+def _read_feature_file(path: Path, key: str) -> TeacherFeatureCache | None:
+    """The stored cache when ``path`` holds exactly this key (it covers views, dtype, images and
+    teacher) in a well-formed layout; else ``None`` (rebuild)."""
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
-        features = stored["features"]
-        if (stored.get("format") == FEATURE_FILE_FORMAT and stored.get("key") == key
-                and tuple(features.shape) == expected and features.dtype == _DTYPES[dtype]):
-            return features
-        logger.warning("teacher feature file %s does not match this run (key, shape or dtype); rebuilding it", path)
+        features, view_set = stored["features"], stored["view_set"]
+        if (stored.get("format") == FEATURE_FILE_FORMAT and stored.get("key") == key and features.ndim == 3
+                and features.shape[0] == VIEW_COUNTS.get(view_set)):
+            return TeacherFeatureCache.from_features(features, view_set)
+        logger.warning("teacher feature file %s does not match this run; rebuilding it", path)
     except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
         logger.warning("teacher feature file %s is unreadable (%s); rebuilding it", path, exc)
     return None
@@ -214,16 +223,13 @@ def cached_features(
     key: str,
     build: Callable[[], TeacherFeatureCache],
     max_bytes: float,
-    file: Path | None = None,
-    expected: tuple[int, int, int] | None = None,
-    dtype: str = "float32",
-    view_set: str = "clean",
+    locate: Callable[[], Path] | None = None,
 ) -> TeacherFeatureCache:
     """The memoised cache for ``key``, built with ``build`` on a miss; least recent entries leave first.
 
-    With ``file`` (from :func:`feature_file`) a memo miss first tries that file (``expected`` =
-    (views, images, feature dim), ``dtype`` and ``view_set`` describe the cache the build would
-    make, and must match) and a build is written there.
+    With ``locate`` (returning :func:`feature_file`'s path) a memo miss first tries that file and
+    a build is written there. It is called on a miss only: the file name hashes every image
+    byte, which a federated site's memo hit every round should not pay.
     """
     with _MEMO_LOCK:
         hit = _MEMO.get(key)
@@ -231,10 +237,10 @@ def cached_features(
             _MEMO.move_to_end(key)
             return hit
     cache = None
-    if file is not None and file.is_file() and expected is not None:
-        features = _read_feature_file(file, key, expected, dtype)
-        if features is not None:
-            cache = TeacherFeatureCache.from_features(features, view_set)
+    file = None if locate is None else locate()
+    if file is not None and file.is_file():
+        cache = _read_feature_file(file, key)
+        if cache is not None:
             logger.info("teacher features read from %s (%.0f MB)", file, cache.nbytes / 1e6)
     if cache is None:
         cache = build()

@@ -37,7 +37,6 @@ from fopro_kd.privacy.local_dp import DPContext, DPParts
 from fopro_kd.prompt import FourierPrompt, prompt_input
 from fopro_kd.prompt_objectives import ObjectiveContext, build_prompt_objective
 from fopro_kd.training.feature_cache import (
-    VIEW_COUNTS,
     TeacherFeatureCache,
     apply_flip_view,
     cache_key,
@@ -202,9 +201,7 @@ class LocalTrainer:
             domain=self.cfg.prompt.domain, view_set=view_set, dtype=self.cfg.train.cache_dtype,
             max_gb=self.cfg.train.max_cache_gb, pre_size=pre_size,
         ), max_bytes=self.cfg.train.max_cache_gb * 1e9,
-            file=None if directory is None else feature_file(directory, key, data, self.teacher.weights_desc),
-            expected=(VIEW_COUNTS[view_set], len(data), self.teacher.feature_dim),
-            dtype=self.cfg.train.cache_dtype, view_set=view_set)
+            locate=None if directory is None else lambda: feature_file(directory, key, data, self.teacher.weights_desc))
 
     def train(
         self,
