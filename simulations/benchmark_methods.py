@@ -87,6 +87,10 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
     "ekd+identity-fpg": ["train.method=fopro-kd", "train.loss=bsm", "akd.mode=off"],
     # cached teacher targets (needs augment.teacher_view flips or clean in the base config)
     "ekd-cached": ["train.method=ekd", "train.loss=bsm", "train.cache_teacher_features=true"],
+    # the probe's frequency preference as a fixed prompt: radial rings from `fopro-kd probe`, never trained, targets
+    # cached from the first epoch (needs --set prompt.probe_file=<frequency_preference.json> for the data)
+    "fopro-2s-probe-frozen": ["train.method=fopro-kd", "train.loss=bsm", "akd.mode=off", "prompt.schedule=two_stage",
+                              "prompt.param=radial", "prompt.init=probe", "prompt.explore_epochs=0"],
 }
 TWO_STAGE_LR = 0.01
 """Prompt learning rate of the two-stage variants: one exploration epoch is a few hundred prompt steps,
