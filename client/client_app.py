@@ -80,6 +80,7 @@ from fopro_kd.federation.sites import (  # noqa: E402
 from fopro_kd.federation.strategies import needs_class_counts  # noqa: E402
 from fopro_kd.federation.wire import (  # noqa: E402
     CLASS_COUNTS_KEY,
+    CORRECT_COUNTS_KEY,
     DECLINE_RECORD_KEY,
     DP_BUDGET_MARKER,
     DP_DECLINE_KEY,
@@ -89,8 +90,10 @@ from fopro_kd.federation.wire import (  # noqa: E402
     PROMPT_ARRAYS_KEY,
     REPLY_SITE_ID_KEY,
     ROBUST_FACTOR_KEY,
+    SCORED_ROUND_KEY,
     SITE_ID_KEY,
     STATE_DIR_KEY,
+    TOTAL_COUNTS_KEY,
     InstructionError,
     TrainInstruction,
     site_name,
@@ -401,6 +404,7 @@ def handle_train(
     torch.manual_seed(site_seed(cfg.seed, spec.site_id))
     prompt = build_configured_prompt(cfg, teacher)
     _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
+    scores = _score_received(student, instruction, cfg, spec, data, device)  # before training changes it
     hook = client_hook(cfg.federation.strategy)  # the strategy's site side (client/strategy_hooks.py)
 
     state_key = instruction.state_key
@@ -489,6 +493,7 @@ def handle_train(
                 result.losses.get("loss", float("nan")), train_seconds,
                 "" if rho is None else f", robust factor {rho:.4f}",
                 "" if dp is None else f", epsilon {metrics['dp-epsilon']:.4f} (delta {dp.delta:g})")
+    metrics.update(scores)
     content = RecordDict({
         "arrays": ArrayRecord(encode_for_transfer(_cpu_state(student), cfg.federation.transfer_dtype)),
         "metrics": metrics,
@@ -498,6 +503,36 @@ def handle_train(
     if dp is not None:
         _free_dp_buffers(trainer)
     return Message(content=content, reply_to=msg)
+
+
+def _local_test_counts(student: torch.nn.Module, data: SiteData, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Per-class correct / total of ``student`` on the site's local test split (what federated evaluation sends).
+
+    The global random-number state is restored afterwards, so that scoring inside a train call
+    (``federation.evaluate_in_train``) leaves the round's training exactly as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        correct, total = class_correct_counts(student.to(device), data.local_test, cfg, device)
+    return {CORRECT_COUNTS_KEY: correct, TOTAL_COUNTS_KEY: total}
+
+
+def _score_received(
+    student: torch.nn.Module, instruction: TrainInstruction, cfg: Config, spec: SiteSpec, data: SiteData,
+    device: torch.device,
+) -> dict[str, Any]:
+    """``federation.evaluate_in_train``: the received global model's local test counts, for the train reply.
+
+    Only when the server asked (``score-round``), and never in DP mode: the counts are computed
+    from private test images without noise (the same rule as :func:`handle_evaluate`).
+    """
+    if instruction.score_round is None:
+        return {}
+    if resolve_run_plan(cfg).any_dp:
+        logger.warning("%s round %d: the server asked for evaluation counts of round %d; not sent (privacy.mode %r: "
+                       "they are outside the DP guarantee)", spec.node, instruction.server_round,
+                       instruction.score_round, cfg.privacy.mode)
+        return {}
+    return {**_local_test_counts(student, data, cfg, device), SCORED_ROUND_KEY: int(instruction.score_round)}
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
@@ -520,14 +555,14 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> Message:
     student = reusable_module(cfg, num_classes, "evaluate",
                               lambda: build_global_student(cfg, num_classes, load_weights=False))
     _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
-    correct, total = class_correct_counts(student.to(device), data.local_test, cfg, device)
+    counts = _local_test_counts(student, data, cfg, device)
+    correct, total = counts[CORRECT_COUNTS_KEY], counts[TOTAL_COUNTS_KEY]
     n = int(sum(total))
     recalls = [c / t for c, t in zip(correct, total) if t > 0]
     metrics = MetricRecord({
         NUM_EXAMPLES_KEY: n,
         REPLY_SITE_ID_KEY: int(spec.site_id),
-        "correct-counts": correct,
-        "total-counts": total,
+        **counts,
         "accuracy": float(sum(correct) / n) if n else 0.0,
         "balanced-accuracy": float(np.mean(recalls)) if recalls else 0.0,
     })

@@ -348,6 +348,12 @@ class FederationConfig:
     test_every_round: bool = True
     """Score the server's test split whenever validation runs (per-round test curves); ``false``: only the model
     selected on validation is tested, once, at the end."""
+    evaluate_in_train: bool = True
+    """Federated evaluation of a scheduled round r before the last is done by the sites in round r + 1's train call:
+    each scores the global model it received (round r's) on its local test split before training and sends the
+    counts with its update, saving a round trip of the whole model to every site. The scoring sites are then round
+    r + 1's train sample; the last round keeps its evaluate phase. ``false``: an evaluate phase after every scheduled
+    round (the behaviour before). Off in DP mode like all federated evaluation (``fopro_kd/round_schedule.py``)."""
     state_persist_every: int = 1
     """Simulation: each site's state (optimizer, prompt, RNG) stays in the engine's memory (``context.state``) and
     is written to disk, with the server's checkpoint, every k rounds and in the last; a killed run resumes from the

@@ -67,6 +67,10 @@ class RunDir:
     def append_history(self, row: dict[str, Any], name: str = "history.csv") -> Path:
         """Add one row (epoch or round) and rewrite the CSV (columns may grow over time)."""
         self.history.append(_plain(row))
+        return self.write_history(name)
+
+    def write_history(self, name: str = "history.csv") -> Path:
+        """Rewrite the CSV from ``self.history`` (after a row was completed in place), atomically."""
         columns: list[str] = []
         for entry in self.history:
             columns.extend(k for k in entry if k not in columns)

@@ -5,7 +5,9 @@ aggregation weight α_k of each *site* (not node id), the bytes each site upload
 site's federated-evaluation counts and the share of a round spent outside client
 training. :class:`RoundRecorder` wraps three hooks of a strategy instance
 (``configure_train``, ``aggregate_train``, ``aggregate_evaluate``) to observe the
-replies, without changing what the strategy computes.
+replies, without changing what the strategy computes. With ``federation.evaluate_in_train``
+a site's federated-evaluation counts of round k arrive with its train reply of round k + 1
+(``scored-round`` k) and are kept under round k, as if they had come from an evaluate phase.
 
 Node ids are mapped to sites through the ``"site-id"`` metric every reply carries; an
 error reply from a node seen before keeps its site name, an unknown one is ``node-<id>``.
@@ -28,7 +30,15 @@ from typing import Any
 from flwr.app import Message, MetricRecord
 from flwr.common import log
 
-from fopro_kd.federation.wire import CLASS_COUNTS_KEY, REPLY_SITE_ID_KEY, ROBUST_FACTOR_KEY, site_name
+from fopro_kd.federation.wire import (
+    CLASS_COUNTS_KEY,
+    CORRECT_COUNTS_KEY,
+    REPLY_SITE_ID_KEY,
+    ROBUST_FACTOR_KEY,
+    SCORED_ROUND_KEY,
+    TOTAL_COUNTS_KEY,
+    site_name,
+)
 
 __all__ = ["RoundLog", "RoundRecorder"]
 
@@ -91,11 +101,12 @@ class RoundLog:
 
 
 def _count_problem(correct: Any, total: Any) -> str | None:
-    """Why per-class ``correct-counts`` / ``total-counts`` of an evaluate reply are unusable (None if usable)."""
+    """Why per-class correct / total counts of a federated evaluation are unusable (None if usable)."""
     if not isinstance(correct, list) or not isinstance(total, list):
-        return "'correct-counts' and 'total-counts' must both be lists"
+        return f"{CORRECT_COUNTS_KEY!r} and {TOTAL_COUNTS_KEY!r} must both be lists"
     if len(correct) != len(total) or not correct:
-        return f"'correct-counts' ({len(correct)}) and 'total-counts' ({len(total)}) need one entry per class"
+        return (f"{CORRECT_COUNTS_KEY!r} ({len(correct)}) and {TOTAL_COUNTS_KEY!r} ({len(total)}) need one entry "
+                "per class")
     values = correct + total
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         return "counts must be integers >= 0"
@@ -173,6 +184,30 @@ class RoundRecorder:
                 if isinstance(rho, (int, float)) and not isinstance(rho, bool):
                     entry.robust_factors[site] = float(rho)
                 self._record_epsilon(entry, site, record)
+                self._record_scored(server_round, site, record)
+
+    def _record_scored(self, server_round: int, site: int, record: MetricRecord) -> None:
+        """``federation.evaluate_in_train``: a train reply's scores of the model it received, kept under that round."""
+        scored = record.get(SCORED_ROUND_KEY)
+        if scored is None:
+            return
+        if isinstance(scored, bool) or not isinstance(scored, int) or scored != server_round - 1:
+            log(WARNING, "Round %s: ignored the scores of %s: %r is %r, not the round of the model it was sent (%d)",
+                server_round, self.site_of(site), SCORED_ROUND_KEY, scored, server_round - 1)
+            return
+        self._record_counts(self.get(scored), site, record, scored)
+
+    def _record_counts(self, entry: RoundLog, site: int, record: MetricRecord | None, server_round: int) -> None:
+        correct = None if record is None else record.get(CORRECT_COUNTS_KEY)
+        total = None if record is None else record.get(TOTAL_COUNTS_KEY)
+        if correct is None and total is None:
+            return
+        problem = _count_problem(correct, total)
+        if problem is not None:
+            entry.eval_errors[site] = f"invalid evaluation counts: {problem}"
+            log(WARNING, "Round %s: ignored evaluation counts of %s: %s", server_round, self.site_of(site), problem)
+            return
+        entry.site_eval[site] = ([int(v) for v in correct], [int(v) for v in total])
 
     @staticmethod
     def _record_epsilon(entry: RoundLog, site: int, record: MetricRecord) -> None:
@@ -234,17 +269,7 @@ class RoundRecorder:
             if msg.has_error():
                 entry.eval_errors[site] = str(msg.error.reason)
                 continue
-            record = _metrics(msg)
-            correct = None if record is None else record.get("correct-counts")
-            total = None if record is None else record.get("total-counts")
-            if correct is None and total is None:
-                continue
-            problem = _count_problem(correct, total)
-            if problem is not None:
-                entry.eval_errors[site] = f"invalid evaluate reply: {problem}"
-                log(WARNING, "Round %s: ignored evaluate counts of %s: %s", server_round, self.site_of(site), problem)
-                continue
-            entry.site_eval[site] = ([int(v) for v in correct], [int(v) for v in total])
+            self._record_counts(entry, site, _metrics(msg), server_round)
 
     # ------------------------------------------------------------------ wiring
     def instrument(self, strategy: Any) -> Any:

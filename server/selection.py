@@ -99,6 +99,7 @@ class ServerEvaluator:
             logger.warning("round %d: no global model to evaluate (no round aggregated yet)", server_round)
             return None
         started = time.perf_counter()
+        self._complete_site_scores(server_round - 1)
         entry = self.recorder.rounds.get(server_round) if server_round > 0 else None
         if not evaluates_round(self.cfg, server_round):  # federation.evaluate_every: the clients' figures only
             self.run.append_history(self._row(server_round, None, None, entry, 0.0, started))
@@ -166,12 +167,7 @@ class ServerEvaluator:
             by_site = self.recorder.by_site
             row.update({f"weight/{site}": w for site, w in by_site(entry.weights).items()})
             row.update({f"bytes/{site}": b for site, b in by_site(entry.bytes_up).items()})
-            for site, (correct, total) in by_site(entry.site_eval).items():
-                if len(correct) != len(self.splits.class_names):
-                    logger.warning("round %d: %s sent %d per-class counts for %d classes; ignored", server_round,
-                                   site, len(correct), len(self.splits.class_names))
-                    continue
-                row[f"site_bacc/{site}"] = self._site_metrics(correct, total)["balanced_accuracy"]
+            row.update(self._site_columns(server_round, entry))
             row["clients_aggregated"] = len(entry.weights)
             row["clients_rejected"] = len(entry.rejections) + len(entry.missing)  # error and missing replies included
             row["clients_failed"] = len(self.recorder.failures(entry))  # error replies + no reply before the timeout
@@ -187,6 +183,40 @@ class ServerEvaluator:
             row["central-noise-std"] = self.central_dp.last_noise_std if server_round > 0 else 0.0
         row.update(self._timing(entry, eval_seconds, started))
         return row
+
+    def _site_columns(self, server_round: int, entry: RoundLog) -> dict[str, Any]:
+        """``site_bacc/<site>`` of the round's federated evaluation (counts of the wrong length ignored)."""
+        columns = {}
+        for site, (correct, total) in self.recorder.by_site(entry.site_eval).items():
+            if len(correct) != len(self.splits.class_names):
+                logger.warning("round %d: %s sent %d per-class counts for %d classes; ignored", server_round,
+                               site, len(correct), len(self.splits.class_names))
+                continue
+            columns[f"site_bacc/{site}"] = self._site_metrics(correct, total)["balanced_accuracy"]
+        return columns
+
+    def _per_site(self, entry: RoundLog | None) -> dict[str, dict[str, Any]]:
+        if entry is None:
+            return {}
+        return {site: self._site_metrics(c, t) for site, (c, t) in self.recorder.by_site(entry.site_eval).items()
+                if len(c) == len(self.splits.class_names)}
+
+    def _complete_site_scores(self, scored_round: int) -> None:
+        """``federation.evaluate_in_train``: round k's site scores came with round k + 1's train replies.
+
+        They complete round k's history row (written before they existed) and, when round k is
+        the selected one, its per-site report. Nothing to do without late scores.
+        """
+        entry = self.recorder.rounds.get(scored_round) if scored_round > 0 else None
+        if entry is None or not entry.site_eval:
+            return
+        row = next((r for r in reversed(self.run.history) if r.get("round") == scored_round), None)
+        columns = self._site_columns(scored_round, entry)
+        if row is not None and any(row.get(k) != v for k, v in columns.items()):
+            row.update(columns)
+            self.run.write_history()
+        if self.best.round == scored_round:
+            self.best.test_metrics["per_site"] = self._per_site(entry)
 
     def _site_metrics(self, correct: list[int], total: list[int]) -> dict[str, Any]:
         return site_metrics_from_counts(correct, total, self.splits.class_names, self.train_counts, self.cfg.metrics)
@@ -233,9 +263,5 @@ class ServerEvaluator:
     def _select(self, server_round: int, score: float, test: dict | None, entry: RoundLog | None) -> None:
         self.best = Selection(server_round, score, copy.deepcopy(test) if test is not None else {})
         self.best_arrays = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
-        per_site = {}
-        if entry is not None:
-            per_site = {site: self._site_metrics(c, t) for site, (c, t) in self.recorder.by_site(entry.site_eval).items()
-                        if len(c) == len(self.splits.class_names)}
-        self.best.test_metrics["per_site"] = per_site
+        self.best.test_metrics["per_site"] = self._per_site(entry)
         self._save_best(server_round, score)

@@ -50,7 +50,7 @@ from fopro_kd.federated_prompt import explore_rounds  # noqa: E402
 from fopro_kd.federation.evaluation import build_global_student  # noqa: E402
 from fopro_kd.federation.sites import cached_splits, config_from_run_config  # noqa: E402
 from fopro_kd.federation.wire import REPLY_SITE_ID_KEY, RUN_CONFIG_RESUME_DIR_KEY, STATE_KEY  # noqa: E402
-from fopro_kd.round_schedule import evaluates_round, persists_round  # noqa: E402
+from fopro_kd.round_schedule import federated_evaluate_phase, persists_round, scored_in_train  # noqa: E402
 from fopro_kd.run_dir import RunDir  # noqa: E402
 from fopro_kd.run_plan import resolve_run_plan  # noqa: E402
 from fopro_kd.run_report import try_write_run_report  # noqa: E402
@@ -195,12 +195,15 @@ def run_federation(
     store = ServerCheckpointStore(run)
     splits = cached_splits(cfg)
     recorder = RoundRecorder()
+    strategy_fed = strategy_federation_config(cfg)  # DP mode: fraction_evaluate 0, no federated evaluation
     strategy = recorder.instrument(build_strategy(
-        strategy_federation_config(cfg), train_metrics_aggr_fn=aggregate_metrics,
+        strategy_fed, train_metrics_aggr_fn=aggregate_metrics,
         evaluate_metrics_aggr_fn=aggregate_metrics, min_valid_replies=fed.min_valid_replies,
         max_update_norm=fed.max_update_norm, transfer_dtype=fed.transfer_dtype))
     evaluator = ServerEvaluator(cfg, splits, run, recorder, parallel_slots)
-    strategy.evaluate_schedule = lambda server_round: evaluates_round(cfg, server_round)
+    strategy.evaluate_schedule = lambda server_round: federated_evaluate_phase(cfg, server_round)
+    if strategy_fed.fraction_evaluate > 0:  # federation.evaluate_in_train: scored in the next train call
+        strategy.score_schedule = lambda server_round: scored_in_train(cfg, server_round)
     if cfg.prompt.scope == "federated":  # one prompt for every site: averaged while exploring, then frozen
         strategy.enable_federated_prompt(explore_rounds(cfg))
     plan = resolve_run_plan(cfg)

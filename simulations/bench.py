@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulation/scaling/comm: the federation config (default configs/sim-demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="simulation/scaling/comm: config override, repeatable (e.g. federation.num_rounds=2)")
+    p.add_argument("--baseline-set", dest="baseline_overrides", action="append", default=None, metavar="KEY=VALUE",
+                   help="simulation: the baseline is the same config with these overrides (instead of the behaviour "
+                        "before issue 16), to measure one setting against the shipped one in the same run")
     p.add_argument("--hospitals", type=int, nargs="+", default=None, help="scaling: hospital counts (default 4 64)")
     p.add_argument("--ham-root", default=None, help="data: HAM10000 folder (default ../shared/data/ham10000)")
     p.add_argument("--run-dir", default=None,
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick, "device": device, "warmup": args.warmup, "repeats": args.repeats,
         "compile": args.compile, "profile": args.profile, "config": args.config, "overrides": list(args.overrides),
         "hospitals": args.hospitals, "ham_root": args.ham_root, "run_dir": args.run_dir,
-        "work_dir": args.work_dir, "keep_runs": args.keep_runs,
+        "work_dir": args.work_dir, "keep_runs": args.keep_runs, "baseline_overrides": args.baseline_overrides,
     }
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     results: dict[str, Any] = {}

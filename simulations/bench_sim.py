@@ -379,10 +379,10 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
 
 PREVIOUS_BEHAVIOUR = [
     "federation.evaluate_every=1", "federation.test_every_round=true", "federation.state_persist_every=1",
-    "federation.reuse_client_models=false",
+    "federation.reuse_client_models=false", "federation.evaluate_in_train=false",
 ]
 """The simulation as it ran before issue 16: state file and server checkpoint every round, models rebuilt for every
-message, server (val + test) and federated evaluation every round."""
+message, server (val + test) and federated evaluation (its own phase) every round."""
 PREVIOUS_SIM_DEMO_SHAPE = [
     "federation.num_clients=5", "federation.min_available_clients=5", "federation.local_steps=null",
     "federation.local_epochs=2",
@@ -418,7 +418,9 @@ def run_simulation_suite(opts: dict[str, Any]) -> dict[str, Any]:
     try:
         if not opts["quick"]:  # previous behaviour first, so both see the same machine minutes apart
             shape = PREVIOUS_SIM_DEMO_SHAPE if config.name == "sim-demo.yaml" else []
-            base_overrides = [f"federation.num_rounds={rounds}", *shape, *PREVIOUS_BEHAVIOUR, *opts.get("overrides", [])]
+            changed = opts.get("baseline_overrides")  # --baseline-set: one setting against the shipped config
+            base_overrides = ([f"federation.num_rounds={rounds}", *shape, *PREVIOUS_BEHAVIOUR, *opts.get("overrides", [])]
+                              if changed is None else [*overrides, *changed])
             base_proc, base_run = _one_simulation(config, base_overrides, work / "previous", quick=False)
             baseline = {"overrides": base_overrides, "process": base_proc, **base_run}
         proc, run = _one_simulation(config, overrides, out_dir, opts["quick"])

@@ -10,6 +10,7 @@ from fopro_kd.federation.wire import (
     FEDMAS_RULE_KEY,
     PROMPT_EXPLORE_KEY,
     PROXIMAL_MU_KEY,
+    SCORE_ROUND_KEY,
     SERVER_ROUND_KEY,
     STATE_KEY,
     InstructionError,
@@ -19,10 +20,10 @@ from fopro_kd.federation.wire import (
 
 def test_round_trip_and_defaults() -> None:
     full = TrainInstruction(server_round=7, state_key="run-abc", proximal_mu=0.01, fedmas_rule="mas_inv",
-                            prompt_explore=True)
+                            prompt_explore=True, score_round=6)
     assert TrainInstruction.from_config(full.to_config()) == full
     assert full.to_config() == {SERVER_ROUND_KEY: 7, STATE_KEY: "run-abc", PROXIMAL_MU_KEY: 0.01,
-                                FEDMAS_RULE_KEY: "mas_inv", PROMPT_EXPLORE_KEY: 1}
+                                FEDMAS_RULE_KEY: "mas_inv", PROMPT_EXPLORE_KEY: 1, SCORE_ROUND_KEY: 6}
     assert TrainInstruction.from_config({}) == TrainInstruction()
     # unknown keys from a newer server are ignored; the server's own extra keys too
     assert TrainInstruction.from_config({SERVER_ROUND_KEY: 2, "num-rounds": 10}).server_round == 2
@@ -38,6 +39,9 @@ def test_round_trip_and_defaults() -> None:
     ({FEDMAS_RULE_KEY: "MAS"}, "'fedmas-rule' must be one of"),
     ({PROMPT_EXPLORE_KEY: 2}, "'prompt-explore' must be 0 or 1"),
     ({STATE_KEY: 5}, "'state-key' must be a string"),
+    ({SERVER_ROUND_KEY: 3, SCORE_ROUND_KEY: 3}, "'score-round' must name an earlier round than 'server-round' 3"),
+    ({SERVER_ROUND_KEY: 3, SCORE_ROUND_KEY: 0}, "'score-round' must be an integer >= 1"),
+    ({SERVER_ROUND_KEY: 3, SCORE_ROUND_KEY: 1.5}, "'score-round' must be an integer"),
 ])
 def test_bad_values_name_the_key(config, message) -> None:
     with pytest.raises(InstructionError, match=message):

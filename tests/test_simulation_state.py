@@ -169,3 +169,73 @@ def test_evaluate_every_and_test_only_for_the_selected_model(tmp_path: Path) -> 
     assert metrics["best_round"] in (3, 4)
     assert metrics["balanced_accuracy"] is not None, "the selected model is tested once at the end"
     assert (tmp_path / "run" / "predictions_test.npz").is_file()
+
+
+class CountingGrid(LocalGrid):
+    """Counts the messages of each type the server sends (train / evaluate) per call."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[tuple[str, int]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages:
+            self.sent.append((messages[0].metadata.message_type.split(".")[0], len(messages)))
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def federate_counting(cfg: Config, out: Path, state: Path) -> tuple[dict[str, Any], CountingGrid]:
+    grid = CountingGrid(make_client_app(cfg, state_root=state, memory_state=True), cfg.federation.num_clients,
+                        run_id=21)
+    return run_federation(grid, cfg, out), grid
+
+
+def site_scores(rows: list[dict[str, str]]) -> dict[int, dict[str, str]]:
+    return {int(r["round"]): {k: v for k, v in r.items() if k.startswith("site_bacc/") and v != ""} for r in rows}
+
+
+def test_schedule_of_evaluation_in_train() -> None:
+    from fopro_kd.round_schedule import federated_evaluate_phase, scored_in_train
+
+    cfg = tiny(num_rounds=5, evaluate_every=2)  # scheduled: 0, 2, 4, 5
+    assert [r for r in range(1, 6) if federated_evaluate_phase(cfg, r)] == [5], "only the last has its own phase"
+    assert {r: scored_in_train(cfg, r) for r in range(1, 6)} == {1: None, 2: None, 3: 2, 4: None, 5: 4}
+    before = tiny(num_rounds=5, evaluate_every=2, evaluate_in_train=False)
+    assert [r for r in range(1, 6) if federated_evaluate_phase(before, r)] == [2, 4, 5]
+    assert all(scored_in_train(before, r) is None for r in range(1, 6))
+
+
+def test_evaluation_in_train_scores_the_same_models_without_evaluate_rounds(tmp_path: Path) -> None:
+    """Scores sent with the next round's update equal those of a separate evaluate phase; training is unchanged."""
+    before, grid_before = federate_counting(tiny(evaluate_in_train=False), tmp_path / "a", tmp_path / "sa")
+    now, grid_now = federate_counting(tiny(), tmp_path / "b", tmp_path / "sb")
+    assert_same(final_global(tmp_path / "b"), final_global(tmp_path / "a"))  # scoring does not touch training
+    assert [kind for kind, _ in grid_before.sent] == ["train", "evaluate"] * 4
+    assert [kind for kind, _ in grid_now.sent] == ["train"] * 4 + ["evaluate"], "one evaluate phase: the last round"
+    scores_before, scores_now = site_scores(history(tmp_path / "a")), site_scores(history(tmp_path / "b"))
+    assert all(len(scores_before[r]) == 3 for r in (1, 2, 3, 4))
+    assert scores_now == scores_before, "every round's site scores, completed one round later"
+    assert now["per_site"] == before["per_site"] and now["best_round"] == before["best_round"]
+
+
+def test_recorder_files_train_reply_scores_under_the_scored_round() -> None:
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    from server.history import RoundRecorder
+
+    recorder = RoundRecorder()
+    sent = Message(RecordDict({"arrays": ArrayRecord()}), dst_node_id=7, message_type="train")
+
+    def reply(scored: int, correct: list[int]) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({
+            "num-examples": 4, "site-id": 2, "scored-round": scored, "correct-counts": correct,
+            "total-counts": [2, 2]})}), reply_to=sent)
+
+    with fake_task_identity(run_id=21):
+        recorder.on_train_replies(3, [reply(2, [1, 2])])
+        recorder.on_train_replies(5, [reply(2, [0, 0])])  # not the round its model came from: ignored
+        recorder.on_train_replies(6, [reply(5, [3, 2])])  # more correct than images: refused, named
+    assert recorder.rounds[2].site_eval == {7: ([1, 2], [2, 2])}, "kept under round 2, not overwritten by round 5"
+    assert 4 not in recorder.rounds and not recorder.rounds[5].site_eval
+    assert "more correct predictions than samples" in recorder.rounds[5].eval_errors[7]

@@ -14,11 +14,11 @@ from typing import Any
 from fopro_kd.federation.fedmas import FEDMAS_RULES
 
 __all__ = [
-    "CLASS_COUNTS_KEY", "DATA_ROOT_KEY", "DECLINE_RECORD_KEY", "DP_BUDGET_MARKER", "DP_DECLINE_KEY",
+    "CLASS_COUNTS_KEY", "CORRECT_COUNTS_KEY", "DATA_ROOT_KEY", "DECLINE_RECORD_KEY", "DP_BUDGET_MARKER", "DP_DECLINE_KEY",
     "FEDMAS_RULE_KEY", "NUM_EXAMPLES_KEY", "NUM_PARTITIONS_KEY", "PARTITION_ID_KEY", "POLICY_FILE_KEY",
     "PROMPT_ARRAYS_KEY", "PROMPT_EXPLORE_KEY", "PROXIMAL_MU_KEY", "REPLY_SITE_ID_KEY", "ROBUST_FACTOR_KEY", "RUN_CONFIG_FILE_KEY",
     "RUN_CONFIG_OUT_DIR_KEY", "RUN_CONFIG_OVERRIDES_KEY", "RUN_CONFIG_RESUME_DIR_KEY", "SERVER_ROUND_KEY",
-    "SITE_ID_KEY", "STATE_DIR_KEY", "STATE_KEY", "InstructionError", "TrainInstruction", "site_name",
+    "SITE_ID_KEY", "STATE_DIR_KEY", "STATE_KEY", "TOTAL_COUNTS_KEY", "InstructionError", "TrainInstruction", "site_name",
 ]
 
 # --- train / evaluate instructions (server -> site), ConfigRecord "config"
@@ -32,6 +32,8 @@ PROMPT_EXPLORE_KEY = "prompt-explore"
 """``prompt.scope: federated``: 1 while the shared prompt is explored this round."""
 PROMPT_ARRAYS_KEY = "prompt"
 """``prompt.scope: federated``: ArrayRecord of the shared prompt (both ways)."""
+SCORE_ROUND_KEY = "score-round"
+"""``federation.evaluate_in_train``: score the received global model (round k's) on the local test split first."""
 
 # --- replies (site -> server), MetricRecord "metrics"
 REPLY_SITE_ID_KEY = "site-id"
@@ -39,6 +41,12 @@ REPLY_SITE_ID_KEY = "site-id"
 NUM_EXAMPLES_KEY = "num-examples"
 CLASS_COUNTS_KEY = "class-counts"
 ROBUST_FACTOR_KEY = "robust-factor"
+CORRECT_COUNTS_KEY = "correct-counts"
+"""Federated evaluation: per-class correct predictions of the global model on the site's local test split."""
+TOTAL_COUNTS_KEY = "total-counts"
+"""Federated evaluation: per-class local test images (what the correct counts are out of)."""
+SCORED_ROUND_KEY = "scored-round"
+"""Train reply: the round whose global model the counts above score (``SCORE_ROUND_KEY`` of the instruction)."""
 DP_DECLINE_KEY = "dp-budget-exhausted"
 """Metric of a budget-decline reply (value 1)."""
 DECLINE_RECORD_KEY = "decline"
@@ -100,6 +108,8 @@ class TrainInstruction:
     """FedMAS's robust-factor rule chosen by the server (None: the site's config)."""
     prompt_explore: bool = False
     """``prompt.scope: federated``: this round explores the shared prompt."""
+    score_round: int | None = None
+    """``federation.evaluate_in_train``: the round of the global model in this message, to score before training."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainInstruction:
@@ -119,8 +129,12 @@ class TrainInstruction:
         explore = _int_value(config, PROMPT_EXPLORE_KEY, 0) if PROMPT_EXPLORE_KEY in config else 0
         if explore > 1:
             raise InstructionError(f"instruction {PROMPT_EXPLORE_KEY!r} must be 0 or 1, got {explore!r}")
+        score = _int_value(config, SCORE_ROUND_KEY, 1) if SCORE_ROUND_KEY in config else None
+        if score is not None and SERVER_ROUND_KEY in config and score >= round_:
+            raise InstructionError(f"instruction {SCORE_ROUND_KEY!r} must name an earlier round than "
+                                   f"{SERVER_ROUND_KEY!r} {round_}, got {score!r}")
         return cls(server_round=round_, state_key=state_key, proximal_mu=float(mu),
-                   fedmas_rule=None if rule is None else str(rule), prompt_explore=bool(explore))
+                   fedmas_rule=None if rule is None else str(rule), prompt_explore=bool(explore), score_round=score)
 
     def to_config(self) -> dict[str, Any]:
         """The plain values a server puts in the ConfigRecord (the defaults left out)."""
@@ -133,4 +147,6 @@ class TrainInstruction:
             out[FEDMAS_RULE_KEY] = self.fedmas_rule
         if self.prompt_explore:
             out[PROMPT_EXPLORE_KEY] = 1
+        if self.score_round is not None:
+            out[SCORE_ROUND_KEY] = int(self.score_round)
         return out

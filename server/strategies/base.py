@@ -54,7 +54,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fopro_kd.compression import SUPPORTED_DTYPES, encode_for_transfer, restore_numpy_dtypes
 from fopro_kd.config import ConfigError
 from fopro_kd.federated_prompt import PROMPT_ARRAYS_KEY, PROMPT_EXPLORE_KEY, average_prompts, prompt_problem
-from fopro_kd.federation.wire import SERVER_ROUND_KEY
+from fopro_kd.federation.wire import SCORE_ROUND_KEY, SERVER_ROUND_KEY
 from server.validation import NUM_EXAMPLES_KEY, reason_check, to_numpy_dict, validate_arrays, validate_metrics
 
 __all__ = ["ValidatedWeightedAvg", "weighted_mean_metrics"]
@@ -174,7 +174,10 @@ class ValidatedWeightedAvg(FedAvg):
         self.prompt_explore_rounds: int | None = None  # prompt.scope federated: see enable_federated_prompt
         self.global_prompt: dict[str, np.ndarray] | None = None
         self.evaluate_schedule: Callable[[int], bool] | None = None
-        """Rounds with federated evaluation (``federation.evaluate_every``, fopro_kd/round_schedule.py); None: all."""
+        """Rounds with a federated-evaluate phase (fopro_kd/round_schedule.py:federated_evaluate_phase); None: all."""
+        self.score_schedule: Callable[[int], int | None] | None = None
+        """The round whose model the sites score in a train call (``federation.evaluate_in_train``,
+        fopro_kd/round_schedule.py:scored_in_train); None: never."""
 
     # ------------------------------------------------------------------ central DP
 
@@ -233,8 +236,12 @@ class ValidatedWeightedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Remember the global arrays sent this round, then configure as FedAvg (central DP: Poisson sampling)."""
         self.set_reference(arrays)
+        config = ConfigRecord(dict(config))  # this round's copy: the keys below differ from round to round
         if self.prompt_explore_rounds is not None:
             config[PROMPT_EXPLORE_KEY] = int(server_round <= self.prompt_explore_rounds)
+        scored = None if self.score_schedule is None else self.score_schedule(server_round)
+        if scored is not None:
+            config[SCORE_ROUND_KEY] = int(scored)
         if self.central_dp is not None:
             return self._configure_train_poisson(server_round, self.encode_global(arrays), config, grid)
         messages = list(super().configure_train(server_round, self.encode_global(arrays), config, grid))
