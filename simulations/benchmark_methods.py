@@ -171,16 +171,37 @@ def finished_run_metrics(cfg_dict: dict[str, Any], out: Path) -> dict[str, Any] 
     project's rule reproduce the earlier behaviour; a snapshot that no longer validates is
     not reused.
     """
-    metrics_file, config_file = out / "metrics.json", out / "config.yaml"
-    if not (metrics_file.is_file() and (out / PREDICTIONS_FILE).is_file() and config_file.is_file()):
+    metrics_file = out / "metrics.json"
+    if not (metrics_file.is_file() and (out / PREDICTIONS_FILE).is_file() and _same_config(cfg_dict, out)):
         return None
+    return json.loads(metrics_file.read_text())
+
+
+def _same_config(cfg_dict: dict[str, Any], out: Path) -> bool:
+    """Whether ``out/config.yaml``, read back as a config (newer fields at their defaults), equals ``cfg_dict``."""
+    config_file = out / "config.yaml"
+    if not config_file.is_file():
+        return False
     try:
         saved = config_from_dict(yaml.safe_load(config_file.read_text()) or {}, str(config_file)).to_dict()
     except ConfigError:
-        return None
-    if saved != config_from_dict(cfg_dict).to_dict():
-        return None
-    return json.loads(metrics_file.read_text())
+        return False
+    return saved == config_from_dict(cfg_dict).to_dict()
+
+
+def resumable_federation(cfg_dict: dict[str, Any], out: Path) -> bool:
+    """A federated run stopped in ``out`` (no ``metrics.json``) with exactly this config and a server checkpoint.
+
+    ``--skip-finished --federated`` continues it from its last complete round (``fopro-kd
+    simulate --resume``) instead of failing on a directory that holds another run's checkpoints,
+    so a queue of federations longer than one session resumes at round granularity.
+    """
+    if (out / "metrics.json").is_file() or not _same_config(cfg_dict, out):
+        return False
+    from fopro_kd.run_dir import RunDir
+    from server.checkpoints import ServerCheckpointStore  # the federated path only: Flower is imported here
+
+    return bool(ServerCheckpointStore(RunDir(out)).checkpoints())
 
 
 def _run_variant(config: str, overrides: list[str], out: Path, splits, federated: bool,
@@ -194,7 +215,11 @@ def _run_variant(config: str, overrides: list[str], out: Path, splits, federated
     else:
         from simulations.simulate import run_simulation_from_config
 
-        status = run_simulation_from_config(cfg, out_dir=str(out))
+        resume = skip_finished and resumable_federation(cfg.to_dict(), out)
+        if resume:
+            logging.getLogger("fopro_kd").info("%s: stopped with this config, resumed (--skip-finished)", out)
+        status = run_simulation_from_config(cfg, out_dir=None if resume else str(out),
+                                            resume_dir=out if resume else None)
         if status:
             raise RuntimeError(f"simulation {out} ended with status {status}")
         metrics = json.loads((out / "metrics.json").read_text())

@@ -118,3 +118,35 @@ def test_benchmark_cli_reports_bad_input(tmp_path: Path, capsys) -> None:
     code = main(["--config", str(_tiny_config(tmp_path)), "--out", str(tmp_path / "out"), "--methods", "bsm",
                  "--reference", "fopro-kd"])
     assert code == 2 and "--reference 'fopro-kd'" in capsys.readouterr().err
+
+
+def test_a_stopped_federation_in_the_queue_is_resumed_not_restarted(tmp_path: Path, monkeypatch) -> None:
+    """--skip-finished --federated: a run with this config and a server checkpoint continues with --resume."""
+    import simulations.benchmark_methods as bench
+    import simulations.simulate as simulate
+    from fopro_kd.config import load_config
+    from fopro_kd.run_dir import RunDir
+    from server.checkpoints import ServerCheckpointStore
+
+    config = str(_tiny_config(tmp_path))
+    overrides = variant_overrides("fedavg+bsm", federated=True)
+    cfg = load_config(config, overrides)
+    out = tmp_path / "fedavg+bsm-seed0"
+    RunDir(out).save_config(cfg)
+    assert not bench.resumable_federation(cfg.to_dict(), out), "no checkpoint: nothing to resume"
+    ServerCheckpointStore(RunDir(out)).save({"round": 2, "arrays": {"w": __import__("torch").zeros(1)}})
+    assert bench.resumable_federation(cfg.to_dict(), out)
+    assert not bench.resumable_federation(load_config(config, overrides + ["train.lr=0.001"]).to_dict(), out), \
+        "another config: not this run's to continue"
+    calls = []
+
+    def fake_simulation(cfg, out_dir=None, resume_dir=None, **kwargs):
+        calls.append((out_dir, resume_dir))
+        (Path(resume_dir or out_dir) / "metrics.json").write_text(json.dumps({"mean_round_seconds": 1.0,
+                                                                             "best_round": 2}))
+        return 0
+
+    monkeypatch.setattr(simulate, "run_simulation_from_config", fake_simulation)
+    bench._run_variant(config, overrides, out, None, federated=True, skip_finished=True)
+    assert calls == [(None, out)], "continued from its checkpoint"
+    assert not bench.resumable_federation(cfg.to_dict(), out), "finished (metrics.json): never resumed again"
