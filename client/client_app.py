@@ -181,15 +181,19 @@ def _checked_spec(context: Context, cfg: Config, kind: str) -> SiteSpec:
     unreadable policy file refuses every instruction (fail closed).
     """
     spec = site_spec_from_node_config(context.node_config, context.node_id)
+    try:
+        _check_policy(context, cfg, spec, kind)
+    except (SitePolicyError, SitePolicyViolation) as exc:
+        raise SiteSkipped(f"{spec.node}: {exc}") from exc
+    return spec
+
+
+def _check_policy(context: Context, cfg: Config, spec: SiteSpec, kind: str) -> None:
+    """Raise when the node's site policy (if it names one) forbids answering a ``kind`` instruction of this run."""
     policy_file = context.node_config.get(POLICY_FILE_KEY)
     if policy_file not in (None, ""):
-        try:
-            policy = load_site_policy(str(policy_file))
-            check_site_policy(cfg, policy, kind=kind, shares_class_counts=shares_class_counts(cfg),
-                              data_root=spec.data_root)
-        except (SitePolicyError, SitePolicyViolation) as exc:
-            raise SiteSkipped(f"{spec.node}: {exc}") from exc
-    return spec
+        check_site_policy(cfg, load_site_policy(str(policy_file)), kind=kind,
+                          shares_class_counts=shares_class_counts(cfg), data_root=spec.data_root)
 
 
 def _state_root(context: Context, state_root: Path | None) -> Path:
@@ -404,7 +408,7 @@ def handle_train(
     torch.manual_seed(site_seed(cfg.seed, spec.site_id))
     prompt = build_configured_prompt(cfg, teacher)
     _load_student(student, _global_state(msg, spec), spec, cfg.federation.transfer_dtype)
-    scores = _score_received(student, instruction, cfg, spec, data, device)  # before training changes it
+    scores = _score_received(student, instruction, cfg, spec, data, device, context)  # before training changes it
     hook = client_hook(cfg.federation.strategy)  # the strategy's site side (client/strategy_hooks.py)
 
     state_key = instruction.state_key
@@ -518,19 +522,28 @@ def _local_test_counts(student: torch.nn.Module, data: SiteData, cfg: Config, de
 
 def _score_received(
     student: torch.nn.Module, instruction: TrainInstruction, cfg: Config, spec: SiteSpec, data: SiteData,
-    device: torch.device,
+    device: torch.device, context: Context,
 ) -> dict[str, Any]:
     """``federation.evaluate_in_train``: the received global model's local test counts, for the train reply.
 
-    Only when the server asked (``score-round``), and never in DP mode: the counts are computed
-    from private test images without noise (the same rule as :func:`handle_evaluate`).
+    Only when the server asked (``score-round``), never in DP mode (the counts are computed from
+    private test images without noise) and never against the site's policy (``federated_evaluation:
+    false``): the rules of :func:`handle_evaluate`, which would refuse an evaluate instruction;
+    here the site still trains and only the counts stay home.
     """
     if instruction.score_round is None:
         return {}
+    refusal = None
     if resolve_run_plan(cfg).any_dp:
-        logger.warning("%s round %d: the server asked for evaluation counts of round %d; not sent (privacy.mode %r: "
-                       "they are outside the DP guarantee)", spec.node, instruction.server_round,
-                       instruction.score_round, cfg.privacy.mode)
+        refusal = f"privacy.mode {cfg.privacy.mode!r}: they are outside the DP guarantee"
+    else:
+        try:
+            _check_policy(context, cfg, spec, "evaluate")
+        except (SitePolicyError, SitePolicyViolation) as exc:
+            refusal = str(exc)
+    if refusal is not None:
+        logger.warning("%s round %d: the server asked for evaluation counts of round %d; not sent (%s)", spec.node,
+                       instruction.server_round, instruction.score_round, refusal)
         return {}
     return {**_local_test_counts(student, data, cfg, device), SCORED_ROUND_KEY: int(instruction.score_round)}
 

@@ -16,7 +16,7 @@ Every field is optional; an absent field allows anything. Example::
     min_privacy: local          # off < central < local (only local DP protects against the server)
     max_epsilon: 8.0            # local DP: privacy.target_epsilon must be set and at most this
     class_counts_may_leave: false
-    federated_evaluation: false # refuse evaluate instructions (per-class test counts)
+    federated_evaluation: false # no per-class test counts: evaluate instructions refused, none sent with train replies
     max_rounds: 50
     data_paths: [/data/ham10000, /opt/fopro/weights]   # every file the run makes the site read lies below one
 """

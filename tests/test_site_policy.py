@@ -100,3 +100,27 @@ def test_client_refuses_before_reading_any_data(tmp_path: Path) -> None:
         with pytest.raises(SiteDataError, match=r"data root .* does not exist"):
             app(msg, context)
     assert not (tmp_path / "state").exists() or not any((tmp_path / "state").rglob("*.pt"))
+
+
+def test_scores_in_a_train_call_follow_the_evaluation_rule(tmp_path: Path) -> None:
+    """``federated_evaluation: false`` also keeps the counts a train call was asked for (evaluate_in_train) home."""
+    cfg = cfg_with()
+
+    def train_reply(node_config: dict[str, Any]) -> dict[str, Any]:
+        context = Context(run_id=5, node_id=3, state=RecordDict(), run_config={},
+                          node_config={"partition-id": 0, "num-partitions": 3, **node_config})
+        with fake_task_identity(run_id=5, node_id=3), preserved_torch_threads():
+            student = build_global_student(cfg, cfg.data.num_classes, seed=0)
+            arrays = ArrayRecord({k: v.detach() for k, v in student.state_dict().items()})
+            msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 2, "score-round": 1})}),
+                          dst_node_id=3, message_type="train")
+            reply = make_client_app(cfg, state_root=tmp_path / "state")(msg, context)
+        assert not reply.has_error()
+        return dict(reply.content.metric_records["metrics"])
+
+    allowed = train_reply({})
+    assert allowed["scored-round"] == 1 and sum(allowed["total-counts"]) > 0
+    assert all(0 <= c <= t for c, t in zip(allowed["correct-counts"], allowed["total-counts"]))
+    refused = train_reply({"policy-file": str(policy_file(tmp_path, {"federated_evaluation": False}))})
+    assert "correct-counts" not in refused and "scored-round" not in refused, "the policy keeps the counts home"
+    assert refused["num-examples"] == allowed["num-examples"], "and the site still trained"
