@@ -220,6 +220,12 @@ class AKDConfig:
     # teacher forward. The prompt step pays a teacher backward (1.8x its forward for
     # MobileNetV2), so k = 3-4 brings the FPG cost at 224 px from ~+40% to ~+10-15%.
     prompt_every: int = 1
+    student_input: Literal["own", "prompted"] = "own"
+    """What the student is trained on: ``own`` (its augmented view) or ``prompted``, the teacher's prompted input
+    x̃ = FPG(v(x)) resized to the student's size, so that both networks see the same x̃ (adversarial KD; with
+    ``minmax`` the student learns on the inputs the prompt made hard). With ``prompted`` the student's augmentation is
+    the teacher's view (``augment.teacher_view: augmented`` keeps it). ``train.method: fopro-kd``, ``prompt.domain:
+    raw``, no DP (docs/method-notes.md)."""
 
 
 @dataclass
@@ -565,6 +571,16 @@ def _check_teacher_schedule(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: 'akd.mode' {cfg.akd.mode!r} has no DP-SGD prompt step; with privacy.prompt 'dp' use "
             "'discriminative' or 'minmax', or privacy.prompt 'frozen'")
+    if cfg.akd.student_input == "prompted":
+        needs = []
+        if cfg.train.method != "fopro-kd":
+            needs.append(f"train.method 'fopro-kd' (got {cfg.train.method!r}: no prompt)")
+        if cfg.prompt.domain != "raw":
+            needs.append(f"prompt.domain 'raw' (got {cfg.prompt.domain!r}: x̃ must be an image the student can read)")
+        if cfg.privacy.mode != "off":
+            needs.append(f"privacy.mode 'off' (got {cfg.privacy.mode!r}: not covered by the DP analysis)")
+        if needs:
+            raise ConfigError(f"{source}: 'akd.student_input' prompted needs " + "; ".join(needs))
     if not 0.0 <= cfg.train.rep_weighting_beta < 1.0:
         raise ConfigError(f"{source}: 'train.rep_weighting_beta' must be in [0, 1), got {cfg.train.rep_weighting_beta!r}")
     if not 0.0 <= cfg.train.rep_weighting_start <= 1.0:

@@ -102,6 +102,9 @@ for _param in ("free", "radial"):
             "train.method=fopro-kd", "train.loss=bsm", "prompt.schedule=two_stage", f"prompt.param={_param}",
             f"akd.mode={_mode}", f"prompt.lr={TWO_STAGE_LR}",
         ]
+    # adversarial KD: the prompt ascends the student's loss and the student trains on x̃ too (akd.student_input)
+    METHOD_OVERRIDES[f"fopro-2s-{_param}-advkd"] = METHOD_OVERRIDES[f"fopro-2s-{_param}-minmax"] + [
+        "akd.student_input=prompted"]
 
 
 def variant_overrides(name: str, federated: bool) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fopro_kd.data.transforms import resize_batch
 from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.prompt import FourierPrompt
 
@@ -52,3 +53,13 @@ def teacher_shift(teacher: FrozenTeacher, x01: Tensor, prompt: FourierPrompt, do
     plain = torch.nn.functional.normalize(teacher_targets(teacher, x01, None, domain).float(), dim=1)
     prompted = torch.nn.functional.normalize(teacher_targets(teacher, x01, prompt, domain).float(), dim=1)
     return float((2.0 - 2.0 * (plain * prompted).sum(dim=1)).mean())
+
+
+@torch.no_grad()
+def prompted_student_input(teacher: FrozenTeacher, x01: Tensor, prompt: FourierPrompt, size: int) -> Tensor:
+    """x̃ = FPG(x) as the teacher sees it (``prompt.domain: raw``), resized to the student's ``size``.
+
+    ``akd.student_input: prompted``: the student learns on the very image whose features it is
+    asked to match, not on the un-prompted one; no gradient reaches the prompt through it.
+    """
+    return resize_batch(prompt(teacher.resize(x01)), size)

@@ -46,7 +46,7 @@ from fopro_kd.training.feature_cache import (
 )
 from fopro_kd.training.precision import autocast_context
 from fopro_kd.training.results import EpochResult
-from fopro_kd.training.teacher_view import teacher_features, teacher_targets
+from fopro_kd.training.teacher_view import prompted_student_input, teacher_features, teacher_targets
 from fopro_kd.run_plan import resolve_run_plan
 
 __all__ = ["LocalTrainer", "make_optimizer", "predict"]
@@ -336,6 +336,10 @@ class LocalTrainer:
                 with autocast_context(self.device):
                     targets = teacher_targets(self.teacher, teacher_in, self.prompt, self.cfg.prompt.domain)
             targets = targets.float()
+            if self.prompt is not None and self.cfg.akd.student_input == "prompted":  # both networks see x̃
+                student_in = prompted_student_input(self.teacher, teacher_in, self.prompt, self.student_size)
+                if self.device.type == "cuda":
+                    student_in = student_in.contiguous(memory_format=torch.channels_last)
         for _ in range(self.cfg.akd.k_s if train_prompt else 1):
             # DP: fp32 student pass, so per-sample norms (clipping = the sensitivity bound) are exact
             with autocast_context(self.device) if self.dp is None else contextlib.nullcontext():
