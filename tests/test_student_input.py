@@ -106,3 +106,28 @@ def test_training_on_the_prompted_image_fits_the_prompted_targets_better(data, t
 def test_prompted_student_input_is_refused_where_it_cannot_hold(sections, message) -> None:
     with pytest.raises(ConfigError, match=r"'akd.student_input' prompted needs .*" + message):
         config_from_dict({**sections, "akd": {"student_input": "prompted"}})
+
+
+def test_minmax_on_the_prompted_input_ascends_the_discrepancy_the_student_sees(data, teacher) -> None:
+    """advkd: the prompt's gradient is that of −ℓ_rep(S(r(x̃)), T(x̃)) + R, through both networks' input x̃."""
+    cfg = config_from_dict({**cfg_of("prompted").to_dict(), "akd": {"mode": "minmax", "student_input": "prompted"}})
+    torch.manual_seed(0)
+    student = build_student(cfg.student, 3, teacher.feature_dim).eval()  # fixed BatchNorm statistics
+    prompt = build_prompt(cfg.prompt, SIZE)
+    with torch.no_grad():  # away from the identity, where the gradient through S(r(x̃)) is not special
+        next(prompt.parameters()).normal_(0, 0.5)
+    trainer = LocalTrainer(cfg, student, teacher, prompt, data.class_counts(), torch.device("cpu"))
+    trainer._build_objective(data)
+    x, y = to_float(data.images[::2]), data.labels[::2]
+    from fopro_kd.training.teacher_view import teacher_features
+
+    x_tilde = resize_batch(prompt(teacher.resize(x)), STUDENT)
+    reference = (-representation_loss(student.forward_train(x_tilde).projection.float(),
+                                      teacher_features(teacher, x, prompt, "raw").float()).mean()
+                 + prompt.regularizer(x))
+    expected = torch.autograd.grad(reference, list(prompt.parameters()))
+    weights = {k: v.clone() for k, v in student.named_parameters()}
+    trainer._prompt_steps(resize_batch(x, STUDENT), x, y, torch.arange(len(y)))  # k_g = 1: one gradient
+    for got, want in zip((p.grad for p in prompt.parameters()), expected):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert all(torch.equal(v, weights[k]) for k, v in student.named_parameters()), "the prompt step moves no weight"

@@ -401,7 +401,11 @@ class LocalTrainer:
         domain = self.cfg.prompt.domain
         terms: dict[str, float] = {}
         projection = None
-        if getattr(self.objective, "needs_student", False):
+        needs_student = getattr(self.objective, "needs_student", False)
+        # akd.student_input prompted: the student is scored on x̃ itself, so the prompt's gradient also flows
+        # through S(r(x̃)) (adversarial KD: one input for both networks); otherwise on its own view, fixed
+        student_on_x_tilde = needs_student and self.cfg.akd.student_input == "prompted"
+        if needs_student and not student_on_x_tilde:
             with torch.no_grad():
                 projection = self.student.forward_train(student_in).projection.float()
         keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
@@ -418,6 +422,9 @@ class LocalTrainer:
                 finally:
                     if records:
                         self.objective.stop_recording()
+                if student_on_x_tilde:  # the student's own gradients are cleared before its step
+                    x_tilde = resize_batch(self.prompt(self.teacher.resize(teacher_in)), self.student_size)
+                    projection = self.student.forward_train(x_tilde).projection.float()
                 # R on the tensor the prompt is applied to (the generator's M depends on it)
                 reg = self.prompt.regularizer(prompt_input(self.teacher, teacher_in, domain))
                 loss, objective_terms = self.objective(feats, y, keep, projection)
