@@ -26,6 +26,7 @@ Adding an objective: one class with ``__call__(feats, labels, keep)`` (and optio
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ from fopro_kd.losses import representation_loss
 from fopro_kd.seeding import support_draw_seed
 
 __all__ = ["PROMPT_OBJECTIVES", "ObjectiveContext", "build_prompt_objective", "objective_metric_key", "support_fold"]
+
+logger = logging.getLogger("fopro_kd.prompt")
 
 FeaturesOf = Callable[[Tensor], Tensor]
 
@@ -102,22 +105,23 @@ def support_fold(data: ImageSet, per_class: int, seed: int) -> np.ndarray:
     """Indices of a held-out support fold: up to ``per_class`` images per class, by whole groups.
 
     At most half of a class's groups go to the support, so the batch side keeps images of every
-    class; a class present with fewer than 2 groups cannot be split and is an error that names
-    ``akd.mode``.
+    class. A class present with fewer than 2 groups cannot be split: it gets no prototype (its
+    images are not scored by the objective; a warning names it), which is the normal case for a
+    rare disease at one hospital of a federation (one patient with dermatofibroma). Fewer than
+    2 classes with a prototype leave nothing to discriminate: an error that names ``akd.mode``.
     """
     labels = data.labels.numpy()
     groups = np.asarray(data.groups if data.groups is not None else [str(i) for i in range(len(labels))])
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
-    for c in np.unique(labels):
+    unsplittable: list[str] = []
+    present = np.unique(labels)
+    for c in present:
         members = np.flatnonzero(labels == c)
         class_groups = np.unique(groups[members])
         if len(class_groups) < 2:
-            name = data.class_names[int(c)]
-            raise ValueError(
-                f"akd.mode 'prototype' needs a held-out support fold, but class {name!r} has {len(class_groups)} "
-                "training group(s) (at least 2 are needed); use another akd.mode for this site"
-            )
+            unsplittable.append(f"{data.class_names[int(c)]!r} ({len(class_groups)} group)")
+            continue
         rng.shuffle(class_groups)
         taken: list[int] = []
         for g in class_groups[: len(class_groups) // 2]:
@@ -125,6 +129,14 @@ def support_fold(data: ImageSet, per_class: int, seed: int) -> np.ndarray:
             if len(taken) >= per_class:
                 break
         chosen.extend(taken[:per_class])
+    if len(present) - len(unsplittable) < 2:
+        raise ValueError(
+            "akd.mode 'prototype' needs a held-out support fold of at least 2 classes with 2 or more training "
+            f"groups each; classes {', '.join(unsplittable)} cannot be split; use another akd.mode for this site")
+    if unsplittable:
+        logger.warning("akd.mode 'prototype': no prototype for class(es) %s (fewer than 2 training groups to hold one "
+                       "out); the prompt objective scores the other %d classes", ", ".join(unsplittable),
+                       len(present) - len(unsplittable))
     return np.asarray(sorted(chosen), dtype=np.int64)
 
 

@@ -125,3 +125,29 @@ def test_bn_hooks_are_removed_after_the_step(data, teacher) -> None:
     x = to_float(data.images[:8])
     trainer._prompt_steps(x, x, data.labels[:8], torch.arange(8))
     assert all(not norm._forward_pre_hooks for norm in trainer.objective.norms)
+
+
+def test_a_class_with_one_group_gets_no_prototype_and_is_not_scored(teacher, caplog) -> None:
+    """One patient with a rare disease at a site: the others keep their prototypes, that class is left out."""
+    site = make_synthetic_imageset([8, 8, 4], SIZE, seed=2)
+    labels = site.labels.numpy()
+    site.groups = [f"c{c}-g{i % 4}" if c < 2 else "c2-only-patient" for i, c in enumerate(labels)]
+    with caplog.at_level("WARNING", logger="fopro_kd.prompt"):
+        support = support_fold(site, per_class=4, seed=0)
+    assert set(labels[support]) == {0, 1} and "'class_2' (1 group)" in caplog.text
+    cfg = cfg_of("prototype")
+    torch.manual_seed(0)
+    trainer = LocalTrainer(cfg, build_student(cfg.student, 3, teacher.feature_dim), teacher,
+                           build_prompt(cfg.prompt, SIZE), site.class_counts(), torch.device("cpu"))
+    trainer._build_objective(site)
+    rest = torch.as_tensor(np.setdiff1d(np.arange(len(site)), support))
+    x, y = to_float(site.images[rest]), site.labels[rest]
+    only_rare = y == 2
+    with torch.no_grad():
+        from fopro_kd.training.teacher_view import teacher_features
+
+        feats = teacher_features(teacher, x, trainer.prompt, "raw").float()
+    loss, _ = trainer.objective(feats, y, torch.ones(len(y), dtype=torch.bool))
+    assert torch.isfinite(loss)
+    loss_rare, terms = trainer.objective(feats, y, only_rare)  # only class-2 images kept: nothing to score
+    assert float(loss_rare) == 0.0 and terms["prompt_proto_loss"] == 0.0

@@ -12,18 +12,19 @@
 # (configs/ham10000-lt.yaml: the same lesion-grouped split; the federation additionally keeps
 # 20% of each site's training images as its local test split).
 #
-# Usage: simulations/queues/sim_ham10000.sh [OUT] [SEEDS...]   (default runs/sim-ham-fed, seed 0; needs ../shared)
+# Usage: simulations/queues/sim_ham10000.sh [OUT] [more benchmark_methods options]
+#   (default runs/sim-ham-fed, seed 0; later options win, e.g. `--seeds 0 1` or `--set federation.num_rounds=20`;
+#   needs ../shared)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${1:-runs/sim-ham-fed}"
 shift || true
-SEEDS=("${@:-0}")
 export HF_HUB_OFFLINE=1
 exec python -m simulations.benchmark_methods --config configs/sim-ham10000.yaml --federated --out "$OUT" \
-  --skip-finished --seeds "${SEEDS[@]}" --reference fedavg+bsm --rare-classes df vasc akiec \
+  --skip-finished --seeds 0 --reference fedavg+bsm --rare-classes df vasc akiec \
   --methods fedavg+bsm fedavg+ekd-cached fedavg+fopro-2s-radial-prototype fedmas+fopro-2s-radial-prototype \
             class_balanced+fopro-2s-radial-prototype \
   --set federation.num_rounds=15 \
   --set augment.color_jitter=[0,0,0,0] --set augment.affine_scale=[1,1] --set augment.rotation_degrees=0 \
   --set augment.affine_translate=0 --set augment.teacher_view=flips --set akd.prompt_every=2 \
-  --set prompt.explore_epochs=1 --set train.feature_cache_dir=runs/feature-cache
+  --set prompt.explore_epochs=1 --set train.feature_cache_dir=runs/feature-cache "$@"
