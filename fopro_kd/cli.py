@@ -81,10 +81,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fopro_kd.training.single_site import train_single_site
 
     cfg = load_cli_config(args)
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out: the directory of the stopped run")
     out = Path(args.out) if args.out else default_run_dir(cfg)
-    check_train_out(out, args.overwrite)
+    if args.resume and (out / "metrics.json").exists():
+        raise ConfigError(f"--resume: {out} holds a finished run (metrics.json); nothing to resume")
+    if not args.resume:  # a stopped run has best.pt of its best epoch so far: --resume continues it
+        check_train_out(out, args.overwrite)
     check_teacher_at_start_up(cfg)
-    metrics = train_single_site(cfg, out, progress=not args.no_progress)
+    metrics = train_single_site(cfg, out, progress=not args.no_progress, resume=args.resume)
     print(f"run directory: {out}")
     print(f"test balanced accuracy: {metrics['balanced_accuracy']:.4f}")
     few = metrics["few_shot"]
@@ -196,6 +201,9 @@ def build_parser(extra_commands: Sequence[CommandAdder] = ()) -> argparse.Argume
     p.add_argument("--out", help="run directory (default: runs/<time>-<name>)")
     p.add_argument("--overwrite", action="store_true",
                    help="train into an --out that already holds a finished run (replaces its best.pt and metrics)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run stopped in --out after its last complete epoch (same config; "
+                        "resume_state.pt), with the result it would have had")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 

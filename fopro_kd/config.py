@@ -263,6 +263,11 @@ class TrainConfig:
     """Storage of cached teacher features (float16 halves the memory; targets are cast back to float32)."""
     max_cache_gb: float = 4.0
     """Refuse a teacher feature cache larger than this (images x views x feature dim x bytes)."""
+    save_resume_state: bool = True
+    """Single site: after every epoch but the last, ``resume_state.pt`` in the run directory (the student, the
+    trainer's state, the selection so far; ≈ 3× the student's size), so that ``fopro-kd train --resume`` continues a
+    stopped run with the result it would have had; removed when the run finishes (fopro_kd/training/resume.py). Not
+    with local DP (a stopped epoch's noise draws would go uncharged)."""
     feature_cache_dir: str | None = None
     """Also keep cached teacher features as files here (``null``: memory only), so the next run on
     the same images, teacher, prompt and views reads them instead of running the teacher again. The

@@ -213,8 +213,9 @@ def _run_variant(config: str, overrides: list[str], out: Path, splits, federated
     metrics = finished_run_metrics(cfg.to_dict(), out) if skip_finished else None
     if metrics is not None:
         logging.getLogger("fopro_kd").info("%s: finished with this config, reused (--skip-finished)", out)
-    elif not federated:
-        metrics = train_single_site(cfg, out, progress=False, splits=splits)
+    elif not federated:  # a run stopped with this config continues after its last epoch (resume_state.pt)
+        metrics = train_single_site(cfg, out, progress=False, splits=splits,
+                                    resume=skip_finished and _same_config(cfg.to_dict(), out))
     else:
         from simulations.simulate import run_simulation_from_config
 

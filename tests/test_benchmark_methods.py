@@ -150,3 +150,24 @@ def test_a_stopped_federation_in_the_queue_is_resumed_not_restarted(tmp_path: Pa
     bench._run_variant(config, overrides, out, None, federated=True, skip_finished=True)
     assert calls == [(None, out)], "continued from its checkpoint"
     assert not bench.resumable_federation(cfg.to_dict(), out), "finished (metrics.json): never resumed again"
+
+
+def test_a_stopped_single_site_run_in_the_queue_is_resumed(tmp_path: Path, monkeypatch) -> None:
+    """--skip-finished: a directory holding this config (a run stopped mid-way) is continued, another is not."""
+    import simulations.benchmark_methods as bench
+    from fopro_kd.config import load_config
+    from fopro_kd.run_dir import RunDir
+
+    config = str(_tiny_config(tmp_path))
+    seen = []
+
+    def fake_train(cfg, out, **kwargs):
+        seen.append(kwargs["resume"])
+        return {"mean_epoch_seconds": 1.0}
+
+    monkeypatch.setattr(bench, "train_single_site", fake_train)
+    bench._run_variant(config, ["train.method=bsm"], tmp_path / "fresh", None, federated=False, skip_finished=True)
+    RunDir(tmp_path / "stopped").save_config(load_config(config, ["train.method=bsm"]))
+    bench._run_variant(config, ["train.method=bsm"], tmp_path / "stopped", None, federated=False, skip_finished=True)
+    bench._run_variant(config, ["train.method=ce"], tmp_path / "stopped", None, federated=False, skip_finished=True)
+    assert seen == [False, True, False]

@@ -29,6 +29,7 @@ from fopro_kd.stats import PREDICTIONS_FILE, save_predictions
 from fopro_kd.training.components import build_configured_student, build_models, shared_teacher
 from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.prompt import FourierPrompt, mask_statistics, prompt_input
+from fopro_kd.training.resume import ResumeState, drop_resume_state, load_resume_state, save_resume_state
 from fopro_kd.training.teacher_view import teacher_shift
 from fopro_kd.training.trainer import LocalTrainer, predict
 from fopro_kd.run_plan import student_input_size
@@ -117,8 +118,14 @@ def train_single_site(
     out_dir: str | Path,
     progress: bool = True,
     splits: DatasetSplits | None = None,
+    *,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train, select on val, report on test; write everything under ``out_dir``."""
+    """Train, select on val, report on test; write everything under ``out_dir``.
+
+    ``resume``: continue a run of the same config stopped in ``out_dir`` after its last
+    complete epoch (:mod:`fopro_kd.training.resume`); without a resume state it starts fresh.
+    """
     seed_everything(cfg.seed)
     configure_threads(cfg.train.num_threads)
     device = select_device(cfg.device)
@@ -137,7 +144,23 @@ def train_single_site(
     best: dict[str, Any] = {"score": -1.0, "epoch": -1, "state": None, "prompt": None}
     # a fixed, un-augmented validation batch on which the prompt's effect is measured every epoch
     probe_batch = splits.val.images[: min(64, len(splits.val))].float().div(255).to(device) if prompt is not None else None
-    for epoch in range(cfg.train.epochs):
+    first_epoch = 0
+    # DP runs do not resume: what a stopped epoch drew would have to be charged by a ledger (federations have one)
+    keeps_resume_state = cfg.train.save_resume_state and trainer.dp is None
+    if resume and trainer.dp is not None:
+        logger.warning("privacy.mode %r: a stopped DP run is not resumed (its stopped epoch's noise draws would go "
+                       "uncharged); training from the first epoch", cfg.privacy.mode)
+        resume = False
+    stopped = load_resume_state(run, cfg) if resume else None
+    if stopped is not None:  # everything the first epochs changed, and the random state they left
+        student.load_state_dict(stopped.student)
+        trainer.load_state_dict(stopped.trainer)
+        best, run.history, first_epoch = stopped.best, stopped.history, stopped.epochs_done
+        torch.set_rng_state(stopped.torch_rng)
+        logger.info("resuming %s after epoch %d of %d", run.path, first_epoch, cfg.train.epochs)
+    elif resume:
+        logger.info("nothing to resume in %s: training from the first epoch", run.path)
+    for epoch in range(first_epoch, cfg.train.epochs):
         start = time.perf_counter()
         result = trainer.train(splits.train, epochs=1, total_epochs=cfg.train.epochs, progress=progress)
         train_seconds = time.perf_counter() - start
@@ -169,6 +192,10 @@ def train_single_site(
                                    {"epoch": epoch + 1, "val_balanced_accuracy": float(val["balanced_accuracy"]),
                                     "prompt_state": best["prompt"]}),
             )
+        if keeps_resume_state and epoch + 1 < cfg.train.epochs:
+            save_resume_state(run, cfg, ResumeState(
+                epochs_done=epoch + 1, student=student.state_dict(), trainer=trainer.state_dict(), best=best,
+                history=run.history, torch_rng=torch.get_rng_state()))
     # the last epoch's test score too: model selection on a small validation split is itself an
     # ablation (docs/results.md); the selected checkpoint stays the reported one
     last_epoch = evaluate_student(student, splits.test, train_counts, cfg, device)
@@ -196,6 +223,7 @@ def train_single_site(
         with torch.no_grad():
             prompt_mask = prompt.multiplier(sample).detach().float().cpu().numpy()
     _write_outputs(run, metrics, prompt_mask, splits)
+    drop_resume_state(run)  # finished: metrics.json is the record now
     logger.info("test results (best val epoch %d):\n%s", best["epoch"], format_summary(metrics))
     from fopro_kd.run_report import try_write_run_report  # report.html: a view of the files written above
 

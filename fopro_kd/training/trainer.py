@@ -123,6 +123,8 @@ class LocalTrainer:
         self.two_stage = self.prompt is not None and cfg.prompt.schedule == "two_stage"
         self.explore_override: bool | None = None
         """Set by a federated-prompt client: the server says whether this round explores (federated_prompt.py)."""
+        self._pending_objective_rng: dict | None = None
+        """A loaded objective draw state waiting for the objective to be built (:meth:`load_state_dict`)."""
         self.epochs_done = 0
         self.dp: DPContext | None = None  # privacy.mode local: DP-SGD state (fopro_kd/privacy/local_dp.py, docs/privacy.md)
         if self.plan.local_dp:
@@ -153,6 +155,11 @@ class LocalTrainer:
             state["probe"] = self.probe.state_dict()
         if self.dp is not None:
             state["privacy"] = self.dp.state_dict()
+        draws = getattr(self.objective, "generator", None)  # e.g. the prototype objective's support draws
+        if isinstance(draws, np.random.Generator):
+            state["objective_rng"] = draws.bit_generator.state
+        elif self._pending_objective_rng is not None:  # loaded, objective not built yet: keep it for the next save
+            state["objective_rng"] = self._pending_objective_rng
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -167,6 +174,15 @@ class LocalTrainer:
             self.probe.load_state_dict(state["probe"])
         if self.dp is not None:
             self.dp.load_state_dict(state.get("privacy"))
+        self._pending_objective_rng = state.get("objective_rng")
+        self._restore_objective_rng()
+
+    def _restore_objective_rng(self) -> None:
+        """Continue the prompt objective's draw stream where the saved run left it (once it exists)."""
+        draws = getattr(self.objective, "generator", None)
+        if self._pending_objective_rng is not None and isinstance(draws, np.random.Generator):
+            draws.bit_generator.state = self._pending_objective_rng
+            self._pending_objective_rng = None
 
     # ------------------------------------------------------------------ training
     @property
@@ -384,6 +400,7 @@ class LocalTrainer:
             probe=self.probe, log_prior=getattr(self, "_log_prior", None),
         )
         self.objective = build_prompt_objective(self.akd_mode, ctx)
+        self._restore_objective_rng()
         excluded = getattr(self.objective, "excluded", None)
         self.objective_excluded = torch.as_tensor(excluded()) if excluded is not None else None
 

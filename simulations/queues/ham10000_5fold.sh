@@ -2,7 +2,8 @@
 # HAM10000 single site, lesion-grouped 5-fold cross-validation, BSM vs EKD vs two-stage FoPro-KD
 # (the protocol of docs/results.md "Statistics used"; every image tested once).
 #
-# Resumable: rerun the same command after a stop and finished runs are reused (--skip-finished;
+# Resumable: rerun the same command after a stop: finished runs are reused, a stopped run continues after its
+# last complete epoch (--skip-finished;
 # a run is reused only when its config snapshot equals the one it would get). Teacher features
 # are kept in runs/feature-cache (train.feature_cache_dir), so a resumed EKD fold does not run
 # the teacher again. Cost on 2 CPU cores: BSM ~12 min, EKD ~25 min (half of it the 4-view
