@@ -269,9 +269,10 @@ class TrainConfig:
     stopped run with the result it would have had; removed when the run finishes (fopro_kd/training/resume.py). Not
     with local DP (a stopped epoch's noise draws would go uncharged)."""
     feature_cache_dir: str | None = None
-    """Also keep cached teacher features as files here (``null``: memory only), so the next run on
-    the same images, teacher, prompt and views reads them instead of running the teacher again. The
-    files are features of the site's images: keep them on the site's own storage, like the data."""
+    """Also keep cached teacher features on disk here, per image (``null``: memory only): one store per teacher,
+    prompt and view setting, keyed by each image's content digest, so a later run (another seed, another fold of
+    the same data) runs the teacher only on images the store lacks. The files are features of the site's images:
+    keep them on the site's own storage, like the data."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; ``None`` leaves torch's default."""
 

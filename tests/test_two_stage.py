@@ -197,8 +197,8 @@ def test_student_view_cache_matches_the_online_student_view(data, teacher) -> No
 
 
 def test_feature_files_are_reused_and_a_damaged_one_is_rebuilt(data, teacher, tmp_path, monkeypatch) -> None:
-    """train.feature_cache_dir: a second trainer (new process: memo cleared) reads the file, no teacher pass;
-    a truncated file or a different prompt is never reused."""
+    """train.feature_cache_dir: a second trainer (new process: memo cleared) reads the store, no teacher pass;
+    a truncated store or a different prompt is never reused."""
     import fopro_kd.training.feature_cache as feature_cache
 
     cfg = cfg_of(prompt={"schedule": "two_stage", "explore_epochs": 0}, akd={"mode": "off"},
@@ -206,33 +206,66 @@ def test_feature_files_are_reused_and_a_damaged_one_is_rebuilt(data, teacher, tm
     feature_cache.clear_feature_caches()
     first = make_trainer(cfg, data, teacher, structured_prompt(cfg))
     first.enable_feature_cache(data)
-    files = list((tmp_path / "features").glob("teacher-features-*.pt"))
+    files = list((tmp_path / "features").glob("teacher-store-*.pt"))
     assert len(files) == 1 and not list((tmp_path / "features").glob(".*.tmp"))
     built = []
     real_build = feature_cache.TeacherFeatureCache.__init__
 
-    def counting_init(self, *args, **kwargs):
-        built.append(1)
-        real_build(self, *args, **kwargs)
+    def counting_init(self, teacher, images, *args, **kwargs):
+        built.append(len(images))
+        real_build(self, teacher, images, *args, **kwargs)
 
     monkeypatch.setattr(feature_cache.TeacherFeatureCache, "__init__", counting_init)
     feature_cache.clear_feature_caches()
     second = make_trainer(cfg, data, teacher, structured_prompt(cfg))
     second.enable_feature_cache(data)
-    assert built == []  # read from the file
+    assert built == []  # read from the store
     idx = torch.arange(len(data))
     views = torch.arange(len(data)) % 4
     assert torch.equal(second.feature_cache.lookup(idx, views), first.feature_cache.lookup(idx, views))
-    # a different prompt is a different file
+    # a different prompt is a different store
     feature_cache.clear_feature_caches()
     other = make_trainer(cfg, data, teacher, build_prompt(cfg.prompt, SIZE))
     other.enable_feature_cache(data)
-    assert built == [1] and len(list((tmp_path / "features").glob("teacher-features-*.pt"))) == 2
-    # a damaged file is rebuilt (and rewritten), never used
+    assert built == [len(data)] and len(list((tmp_path / "features").glob("teacher-store-*.pt"))) == 2
+    # a damaged store is rebuilt (and rewritten), never used
     files[0].write_bytes(files[0].read_bytes()[:100])
     feature_cache.clear_feature_caches()
     third = make_trainer(cfg, data, teacher, structured_prompt(cfg))
     third.enable_feature_cache(data)
-    assert built == [1, 1]
+    assert built == [len(data), len(data)]
     assert torch.equal(third.feature_cache.lookup(idx, views), first.feature_cache.lookup(idx, views))
+    feature_cache.clear_feature_caches()
+
+
+def test_the_store_runs_the_teacher_only_on_images_it_lacks(data, teacher, tmp_path, monkeypatch) -> None:
+    """k-fold / another split: a second image set that overlaps the first computes only the new images, and every
+    target equals the online teacher's (store entries are looked up by image content, not position)."""
+    import fopro_kd.training.feature_cache as feature_cache
+
+    cfg = cfg_of(train={"method": "ekd", "cache_teacher_features": True,
+                        "feature_cache_dir": str(tmp_path / "features")})
+    first_fold, second_fold = data.subset(list(range(0, 16))), data.subset(list(range(8, len(data)))[::-1])
+    feature_cache.clear_feature_caches()
+    make_trainer(cfg, first_fold, teacher, None).enable_feature_cache(first_fold)
+    built = []
+    real_build = feature_cache.TeacherFeatureCache.__init__
+
+    def counting_init(self, teacher, images, *args, **kwargs):
+        built.append(len(images))
+        real_build(self, teacher, images, *args, **kwargs)
+
+    monkeypatch.setattr(feature_cache.TeacherFeatureCache, "__init__", counting_init)
+    feature_cache.clear_feature_caches()
+    trainer = make_trainer(cfg, second_fold, teacher, None)
+    trainer.enable_feature_cache(second_fold)
+    assert built == [len(data) - 16], "only the images the first set did not have"
+    x = to_float(second_fold.images)
+    for view in range(4):
+        online = teacher_targets(teacher, apply_flip_view(x, torch.full((len(x),), view)), None, "raw").float()
+        cached = trainer.feature_cache.lookup(torch.arange(len(x)), torch.full((len(x),), view))
+        assert torch.allclose(cached, online, atol=1e-5), f"view {view}"
+    feature_cache.clear_feature_caches()
+    make_trainer(cfg, data, teacher, None).enable_feature_cache(data)  # the union is stored: nothing to compute
+    assert built == [len(data) - 16]
     feature_cache.clear_feature_caches()

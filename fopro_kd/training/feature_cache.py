@@ -19,12 +19,17 @@ image, not the student's view: that is a choice of target, documented in the REA
 Which configurations may cache is decided by :func:`fopro_kd.config.feature_cache_problem`.
 
 Two tiers: a process-level memo (a federated site rebuilds its trainer every round) and, with
-``train.feature_cache_dir``, files on the site's disk, so a second run on the same images and
-teacher (another seed, another λ, a resumed run) skips the teacher passes (on HAM10000 with four
-flip views ≈ 10-15 min on 2 cores). A file is named by a digest of the memo key, *all* the
-image bytes and the teacher's weight record (file hash), written to a temporary name and
-renamed, and read back only when its stored key, shape and dtype match: a half-written or stale
-file is rebuilt, never used.
+``train.feature_cache_dir``, a per-image **store** on the site's disk: one file per teacher,
+prompt and view setting (not per image set) that maps each image's content digest (SHA-256 of
+its bytes) to its features in every view. A run looks its images up and runs the teacher only
+on those the store lacks, then writes the union back. So another seed or λ on the same split
+skips the teacher entirely, and so does every fold of a k-fold protocol after the first pass
+over the data, or a federated site whose images a pooled run has seen (HAM10000, four flip
+views: ≈ 10-15 min of teacher passes per image set on 2 cores). The store's name digests its
+settings key and the teacher's weight record (file hash); it is written to a temporary name
+and renamed, and read back only when its stored key, digests, shape and dtype agree: a
+half-written or stale store is rebuilt, never used. Features are a function of the image
+content, the frozen teacher and prompt and the view, so a stored entry is the exact target.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,14 +57,16 @@ __all__ = [
     "VIEW_COUNTS",
     "apply_flip_view",
     "cache_bytes",
+    "FeatureStore",
     "cached_features",
     "clear_feature_caches",
-    "feature_file",
+    "settings_key",
+    "store_file",
 ]
 
 logger = logging.getLogger("fopro_kd.training")
-FEATURE_FILE_FORMAT = 1
-"""Version of the on-disk layout (``{"format", "key", "view_set", "features"}``); others are rebuilt."""
+STORE_FORMAT = 2
+"""Version of the on-disk store (``{"format", "key", "view_set", "digests", "features"}``); others are rebuilt."""
 
 VIEW_COUNTS = {"clean": 1, "flips": 4}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -167,11 +175,9 @@ _MEMO: OrderedDict[str, TeacherFeatureCache] = OrderedDict()
 _MEMO_LOCK = threading.Lock()
 
 
-def cache_key(teacher_key: tuple, prompt: FourierPrompt | None, data: ImageSet, *settings: object) -> str:
-    """Digest of everything a cached target depends on: teacher, prompt parameters, images, settings."""
-    digest = hashlib.sha256(repr((teacher_key, settings, len(data), tuple(data.images.shape))).encode())
-    digest.update("\n".join(data.ids).encode())
-    digest.update(data.images[:, :, ::7, ::7].contiguous().numpy().tobytes())  # a strided sample of the pixels
+def settings_key(teacher_key: tuple, prompt: FourierPrompt | None, *settings: object) -> str:
+    """Digest of what a target depends on besides the image: teacher, prompt parameters, view settings."""
+    digest = hashlib.sha256(repr((teacher_key, settings)).encode())
     if prompt is not None:
         for name, value in sorted(prompt.state_dict().items()):
             digest.update(name.encode())
@@ -179,74 +185,109 @@ def cache_key(teacher_key: tuple, prompt: FourierPrompt | None, data: ImageSet, 
     return digest.hexdigest()
 
 
-def feature_file(directory: str | Path, key: str, data: ImageSet, teacher_record: str) -> Path:
-    """Where the cache for ``key`` lives under ``directory``: a digest of the key, every image byte and the teacher.
+def cache_key(teacher_key: tuple, prompt: FourierPrompt | None, data: ImageSet, *settings: object) -> str:
+    """The memo key: :func:`settings_key` and the image set (ids, shape and a strided sample of the pixels)."""
+    digest = hashlib.sha256(settings_key(teacher_key, prompt, *settings).encode())
+    digest.update(repr((len(data), tuple(data.images.shape))).encode())
+    digest.update("\n".join(data.ids).encode())
+    digest.update(data.images[:, :, ::7, ::7].contiguous().numpy().tobytes())  # a strided sample of the pixels
+    return digest.hexdigest()
 
-    The memo key samples the pixels (it is computed every federated round); a file outlives the
-    process, so its name covers all of them, and the teacher's weight record (with the file's
-    SHA-256) so replaced weights under the same path never reuse old targets.
-    """
+
+def image_digests(data: ImageSet) -> list[str]:
+    """SHA-256 of each image's bytes and shape: what a stored feature is looked up by."""
+    images = data.images.contiguous().numpy()
+    return [hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest() for image in images]
+
+
+def store_file(directory: str | Path, key: str, teacher_record: str) -> Path:
+    """Where the store for settings ``key`` lives under ``directory``, named with the teacher's weight record too,
+    so replaced weights under the same path never reuse old targets."""
     digest = hashlib.sha256(key.encode())
     digest.update(teacher_record.encode())
-    digest.update(memoryview(data.images.contiguous().numpy()).cast("B"))
-    return Path(directory).expanduser() / f"teacher-features-{digest.hexdigest()[:32]}.pt"
+    return Path(directory).expanduser() / f"teacher-store-{digest.hexdigest()[:32]}.pt"
 
 
-def _read_feature_file(path: Path, key: str) -> TeacherFeatureCache | None:
-    """The stored cache when ``path`` holds exactly this key (it covers views, dtype, images and
-    teacher) in a well-formed layout; else ``None`` (rebuild)."""
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        features, view_set = stored["features"], stored["view_set"]
-        if (stored.get("format") == FEATURE_FILE_FORMAT and stored.get("key") == key and features.ndim == 3
-                and features.shape[0] == VIEW_COUNTS.get(view_set)):
-            return TeacherFeatureCache.from_features(features, view_set)
-        logger.warning("teacher feature file %s does not match this run; rebuilding it", path)
-    except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
-        logger.warning("teacher feature file %s is unreadable (%s); rebuilding it", path, exc)
-    return None
+@dataclass
+class FeatureStore:
+    """The disk tier of one setting: ``path`` holds features by image digest; ``build`` computes a subset's."""
 
+    path: Path
+    key: str
+    view_set: str
+    build: Callable[[ImageSet], TeacherFeatureCache]
 
-def _write_feature_file(path: Path, key: str, cache: TeacherFeatureCache) -> None:
-    """Atomic write (temporary name, fsync, rename): a crash leaves no file that looks valid."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as handle:
-        torch.save({"format": FEATURE_FILE_FORMAT, "key": key, "view_set": cache.view_set,
-                    "features": cache.features}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    def _read(self) -> tuple[list[str], Tensor] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            stored = torch.load(self.path, map_location="cpu", weights_only=True)
+            digests, features = list(stored["digests"]), stored["features"]
+            if (stored.get("format") == STORE_FORMAT and stored.get("key") == self.key
+                    and stored.get("view_set") == self.view_set and features.ndim == 3
+                    and features.shape[0] == VIEW_COUNTS[self.view_set] and features.shape[1] == len(digests)):
+                return digests, features
+            logger.warning("teacher feature store %s does not match this run; rebuilding it", self.path)
+        except Exception as exc:  # noqa: BLE001 - a damaged store is rebuilt, never fatal
+            logger.warning("teacher feature store %s is unreadable (%s); rebuilding it", self.path, exc)
+        return None
+
+    def _write(self, digests: list[str], features: Tensor) -> None:
+        """Atomic write (temporary name, fsync, rename): a crash leaves no store that looks valid."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as handle:
+            torch.save({"format": STORE_FORMAT, "key": self.key, "view_set": self.view_set, "digests": digests,
+                        "features": features}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+
+    def features_of(self, data: ImageSet) -> TeacherFeatureCache:
+        """``data``'s cache: stored entries looked up, the teacher run on the others only, the union written back."""
+        digests = image_digests(data)
+        stored = self._read()
+        known = {} if stored is None else {d: i for i, d in enumerate(stored[0])}
+        missing = [i for i, d in enumerate(digests) if d not in known]
+        found = [i for i, d in enumerate(digests) if d in known]
+        new = self.build(data.subset(missing)) if missing else None
+        reference = new.features if new is not None else stored[1]
+        features = torch.empty(reference.shape[0], len(data), reference.shape[2], dtype=reference.dtype)
+        if found:
+            features[:, torch.as_tensor(found)] = stored[1][:, torch.as_tensor([known[digests[i]] for i in found])]
+        if new is not None:
+            features[:, torch.as_tensor(missing)] = new.features
+            fresh = {digests[i]: k for k, i in enumerate(missing)}  # a repeated image is added once
+            keep = list(fresh.values())
+            old_digests, old_features = stored if stored is not None else ([], new.features[:, :0])
+            self._write(old_digests + list(fresh), torch.cat([old_features, new.features[:, keep]], dim=1))
+        logger.info("teacher features: %d of %d images from the store %s, %d computed", len(found), len(data),
+                    self.path, len(missing))
+        return TeacherFeatureCache.from_features(features, self.view_set)
 
 
 def cached_features(
     key: str,
     build: Callable[[], TeacherFeatureCache],
     max_bytes: float,
-    locate: Callable[[], Path] | None = None,
+    store: Callable[[], tuple[FeatureStore, ImageSet]] | None = None,
 ) -> TeacherFeatureCache:
     """The memoised cache for ``key``, built with ``build`` on a miss; least recent entries leave first.
 
-    With ``locate`` (returning :func:`feature_file`'s path) a memo miss first tries that file and
-    a build is written there. It is called on a miss only: the file name hashes every image
-    byte, which a federated site's memo hit every round should not pay.
+    With ``store`` (returning the :class:`FeatureStore` and the images) a memo miss goes through
+    the disk store instead of ``build``. It is called on a miss only: digesting every image is
+    work a federated site's memo hit every round should not pay.
     """
     with _MEMO_LOCK:
         hit = _MEMO.get(key)
         if hit is not None:
             _MEMO.move_to_end(key)
             return hit
-    cache = None
-    file = None if locate is None else locate()
-    if file is not None and file.is_file():
-        cache = _read_feature_file(file, key)
-        if cache is not None:
-            logger.info("teacher features read from %s (%.0f MB)", file, cache.nbytes / 1e6)
-    if cache is None:
+    if store is not None:
+        disk, data = store()
+        cache = disk.features_of(data)
+    else:
         cache = build()
-        if file is not None:
-            _write_feature_file(file, key, cache)
-            logger.info("teacher features written to %s (%.0f MB)", file, cache.nbytes / 1e6)
     with _MEMO_LOCK:
         _MEMO[key] = cache
         while len(_MEMO) > 1 and sum(c.nbytes for c in _MEMO.values()) > max_bytes:

@@ -37,12 +37,14 @@ from fopro_kd.privacy.local_dp import DPContext, DPParts
 from fopro_kd.prompt import FourierPrompt, prompt_input
 from fopro_kd.prompt_objectives import ObjectiveContext, build_prompt_objective
 from fopro_kd.training.feature_cache import (
+    FeatureStore,
     TeacherFeatureCache,
     apply_flip_view,
     cache_key,
     cached_features,
     check_cache_size,
-    feature_file,
+    settings_key,
+    store_file,
 )
 from fopro_kd.training.precision import autocast_context
 from fopro_kd.training.results import EpochResult
@@ -209,15 +211,24 @@ class LocalTrainer:
         check_cache_size(len(data), view_set, self.teacher.feature_dim, self.cfg.train.cache_dtype,
                          self.cfg.train.max_cache_gb)  # also on a memo hit: the bound is this run's
         t = self.cfg.teacher
-        key = cache_key((t.arch, t.source, t.file, t.input_size, t.mean, t.std), self.prompt, data,
-                        view_set, self.cfg.prompt.domain, self.cfg.train.cache_dtype, str(self.device), pre_size)
+        settings = ((t.arch, t.source, t.file, t.input_size, t.mean, t.std), self.prompt,
+                    view_set, self.cfg.prompt.domain, self.cfg.train.cache_dtype, str(self.device), pre_size)
+        key = cache_key(settings[0], settings[1], data, *settings[2:])
         directory = self.cfg.train.feature_cache_dir
-        self.feature_cache = cached_features(key, lambda: TeacherFeatureCache(
-            self.teacher, data, self.cfg.train.eval_batch_size, self.device, prompt=self.prompt,
-            domain=self.cfg.prompt.domain, view_set=view_set, dtype=self.cfg.train.cache_dtype,
-            max_gb=self.cfg.train.max_cache_gb, pre_size=pre_size,
-        ), max_bytes=self.cfg.train.max_cache_gb * 1e9,
-            locate=None if directory is None else lambda: feature_file(directory, key, data, self.teacher.weights_desc))
+
+        def build(images: ImageSet) -> TeacherFeatureCache:
+            return TeacherFeatureCache(
+                self.teacher, images, self.cfg.train.eval_batch_size, self.device, prompt=self.prompt,
+                domain=self.cfg.prompt.domain, view_set=view_set, dtype=self.cfg.train.cache_dtype,
+                max_gb=self.cfg.train.max_cache_gb, pre_size=pre_size)
+
+        def store() -> tuple[FeatureStore, ImageSet]:  # the disk tier, per image (train.feature_cache_dir)
+            store_key = settings_key(*settings)
+            return FeatureStore(store_file(directory, store_key, self.teacher.weights_desc), store_key, view_set,
+                                build), data
+
+        self.feature_cache = cached_features(key, lambda: build(data), max_bytes=self.cfg.train.max_cache_gb * 1e9,
+                                             store=None if directory is None else store)
 
     def train(
         self,

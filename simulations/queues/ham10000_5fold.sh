@@ -5,8 +5,8 @@
 # Resumable: rerun the same command after a stop: finished runs are reused, a stopped run continues after its
 # last complete epoch (--skip-finished;
 # a run is reused only when its config snapshot equals the one it would get). Teacher features
-# are kept in runs/feature-cache (train.feature_cache_dir), so a resumed EKD fold does not run
-# the teacher again. Cost on 2 CPU cores: BSM ~12 min, EKD ~25 min (half of it the 4-view
+# are kept per image in runs/feature-cache (train.feature_cache_dir): after the first folds have
+# passed over the data, later EKD folds (and resumed runs) run no teacher. Cost on 2 CPU cores: BSM ~12 min, EKD ~25 min (half of it the 4-view
 # teacher cache), FoPro-KD ~35 min per fold: ~6 h for the 15 runs.
 #
 # Usage: simulations/queues/ham10000_5fold.sh [OUT]   (default runs/ham-5fold; needs ../shared)
