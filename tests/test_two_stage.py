@@ -196,6 +196,21 @@ def test_student_view_cache_matches_the_online_student_view(data, teacher) -> No
                augment={"teacher_view": "student", "rotation_degrees": 10.0})
 
 
+def count_teacher_passes(monkeypatch) -> list[int]:
+    """From now on, the size of every image set a feature cache runs the teacher on."""
+    import fopro_kd.training.feature_cache as feature_cache
+
+    built: list[int] = []
+    real_build = feature_cache.TeacherFeatureCache.__init__
+
+    def counting_init(self, teacher, images, *args, **kwargs):
+        built.append(len(images))
+        real_build(self, teacher, images, *args, **kwargs)
+
+    monkeypatch.setattr(feature_cache.TeacherFeatureCache, "__init__", counting_init)
+    return built
+
+
 def test_feature_files_are_reused_and_a_damaged_one_is_rebuilt(data, teacher, tmp_path, monkeypatch) -> None:
     """train.feature_cache_dir: a second trainer (new process: memo cleared) reads the store, no teacher pass;
     a truncated store or a different prompt is never reused."""
@@ -208,14 +223,7 @@ def test_feature_files_are_reused_and_a_damaged_one_is_rebuilt(data, teacher, tm
     first.enable_feature_cache(data)
     files = list((tmp_path / "features").glob("teacher-store-*.pt"))
     assert len(files) == 1 and not list((tmp_path / "features").glob(".*.tmp"))
-    built = []
-    real_build = feature_cache.TeacherFeatureCache.__init__
-
-    def counting_init(self, teacher, images, *args, **kwargs):
-        built.append(len(images))
-        real_build(self, teacher, images, *args, **kwargs)
-
-    monkeypatch.setattr(feature_cache.TeacherFeatureCache, "__init__", counting_init)
+    built = count_teacher_passes(monkeypatch)
     feature_cache.clear_feature_caches()
     second = make_trainer(cfg, data, teacher, structured_prompt(cfg))
     second.enable_feature_cache(data)
@@ -248,14 +256,7 @@ def test_the_store_runs_the_teacher_only_on_images_it_lacks(data, teacher, tmp_p
     first_fold, second_fold = data.subset(list(range(0, 16))), data.subset(list(range(8, len(data)))[::-1])
     feature_cache.clear_feature_caches()
     make_trainer(cfg, first_fold, teacher, None).enable_feature_cache(first_fold)
-    built = []
-    real_build = feature_cache.TeacherFeatureCache.__init__
-
-    def counting_init(self, teacher, images, *args, **kwargs):
-        built.append(len(images))
-        real_build(self, teacher, images, *args, **kwargs)
-
-    monkeypatch.setattr(feature_cache.TeacherFeatureCache, "__init__", counting_init)
+    built = count_teacher_passes(monkeypatch)
     feature_cache.clear_feature_caches()
     trainer = make_trainer(cfg, second_fold, teacher, None)
     trainer.enable_feature_cache(second_fold)
