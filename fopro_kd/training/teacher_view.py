@@ -55,11 +55,11 @@ def teacher_shift(teacher: FrozenTeacher, x01: Tensor, prompt: FourierPrompt, do
     return float((2.0 - 2.0 * (plain * prompted).sum(dim=1)).mean())
 
 
-@torch.no_grad()
 def prompted_student_input(teacher: FrozenTeacher, x01: Tensor, prompt: FourierPrompt, size: int) -> Tensor:
     """x̃ = FPG(x) as the teacher sees it (``prompt.domain: raw``), resized to the student's ``size``.
 
     ``akd.student_input: prompted``: the student learns on the very image whose features it is
-    asked to match, not on the un-prompted one; no gradient reaches the prompt through it.
+    asked to match, not on the un-prompted one. Differentiable w.r.t. the prompt (the advkd
+    prompt step needs that); the student step calls it under ``torch.no_grad()``.
     """
     return resize_batch(prompt(teacher.resize(x01)), size)

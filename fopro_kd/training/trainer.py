@@ -364,7 +364,8 @@ class LocalTrainer:
                     targets = teacher_targets(self.teacher, teacher_in, self.prompt, self.cfg.prompt.domain)
             targets = targets.float()
             if self.prompt is not None and self.cfg.akd.student_input == "prompted":  # both networks see x̃
-                student_in = prompted_student_input(self.teacher, teacher_in, self.prompt, self.student_size)
+                with torch.no_grad():
+                    student_in = prompted_student_input(self.teacher, teacher_in, self.prompt, self.student_size)
                 if self.device.type == "cuda":
                     student_in = student_in.contiguous(memory_format=torch.channels_last)
         for _ in range(self.cfg.akd.k_s if train_prompt else 1):
@@ -451,7 +452,7 @@ class LocalTrainer:
                     if records:
                         self.objective.stop_recording()
                 if student_on_x_tilde:  # the student's own gradients are cleared before its step
-                    x_tilde = resize_batch(self.prompt(self.teacher.resize(teacher_in)), self.student_size)
+                    x_tilde = prompted_student_input(self.teacher, teacher_in, self.prompt, self.student_size)
                     projection = self.student.forward_train(x_tilde).projection.float()
                 # R on the tensor the prompt is applied to (the generator's M depends on it)
                 reg = self.prompt.regularizer(prompt_input(self.teacher, teacher_in, domain))
