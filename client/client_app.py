@@ -203,17 +203,19 @@ def _state_root(context: Context, state_root: Path | None) -> Path:
 
 def _state_store(
     context: Context, spec: SiteSpec, state_root: Path | None, state_key: str | None = None,
-    memory_state: bool = False,
+    memory_state: bool = False, live_root: Path | None = None,
 ) -> ClientStateStore:
     """The site's state store; ``state_key`` (sent by the server, stable across a resume) names the run folder.
 
     Without a key (an older server, unit tests) the Flower run id is used, which changes when a
     run is resumed. A key that is not a plain folder name is refused (:func:`check_state_key`).
-    ``memory_state`` (simulation): the state is also kept in ``context.state`` (client/state.py).
+    ``memory_state`` (simulation): the state is also kept in ``context.state``, or in a file under
+    ``live_root`` named by a token there (client/state.py).
     """
     key = f"run-{context.run_id}" if state_key is None else check_state_key(str(state_key), spec.node)
     return ClientStateStore(_state_root(context, state_root), key, spec.site_id,
-                            memory=context.state if memory_state else None)
+                            memory=context.state if memory_state else None,
+                            live_root=live_root if memory_state else None)
 
 
 def _open_ledger(context: Context, spec: SiteSpec, root: Path) -> tuple[PrivacyLedgerStore, PrivacyLedger]:
@@ -372,12 +374,14 @@ def _use_federated_prompt(msg: Message, instruction: TrainInstruction, cfg: Conf
 
 
 def handle_train(
-    msg: Message, context: Context, cfg: Config, state_root: Path | None = None, memory_state: bool = False
+    msg: Message, context: Context, cfg: Config, state_root: Path | None = None, memory_state: bool = False,
+    live_root: Path | None = None,
 ) -> Message:
     """Local FoPro-KD training on the received global student; reply with its weights and metrics.
 
-    ``memory_state`` (simulation only): keep the site's state in ``context.state`` and write it
-    to disk only in the rounds of :func:`fopro_kd.round_schedule.persists_round`.
+    ``memory_state`` (simulation only): keep the site's state in ``context.state`` (or, with
+    ``live_root``, in a shared-memory file it names) and write it to disk only in the rounds of
+    :func:`fopro_kd.round_schedule.persists_round`.
     """
     _configure_threads(cfg)
     spec = _checked_spec(context, cfg, "train")
@@ -413,7 +417,7 @@ def handle_train(
 
     state_key = instruction.state_key
     root = _state_root(context, state_root)
-    store = _state_store(context, spec, root, None if state_key is None else str(state_key), memory_state)
+    store = _state_store(context, spec, root, None if state_key is None else str(state_key), memory_state, live_root)
     persist = not memory_state or persists_round(cfg, server_round)
     ledger_store = ledger = None
     if resolve_run_plan(cfg).local_dp:  # before anything is built: a site that cannot account does not train
@@ -614,6 +618,7 @@ def make_client_app(
     state_root: str | Path | None = None,
     fault_injector: FaultInjector | None = None,
     memory_state: bool = False,
+    live_root: str | Path | None = None,
 ) -> ClientApp:
     """A ClientApp bound to ``cfg`` (or reading the run config when None).
 
@@ -633,9 +638,14 @@ def make_client_app(
         Simulation only (``simulations/simulate.py``): sites keep their state in the engine's
         ``context.state`` and persist it every ``federation.state_persist_every`` rounds. The
         deployed ``app`` persists every round.
+    live_root : path, optional
+        With ``memory_state``: the simulation's shared-memory folder (:func:`client.state.new_live_root`,
+        ``federation.state_memory: node``); each site's state is a file there and ``context.state``
+        holds only its token. None keeps the serialised state in ``context.state``.
     """
     app = ClientApp()
     root = Path(state_root) if state_root is not None else None
+    live = Path(live_root) if live_root is not None else None
 
     def resolve(context: Context) -> Config:
         return cfg if cfg is not None else config_from_run_config(context.run_config)
@@ -647,7 +657,7 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return run("train", msg, context, lambda: handle_train(msg, context, resolve(context), root, memory_state))
+        return run("train", msg, context, lambda: handle_train(msg, context, resolve(context), root, memory_state, live))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -32,6 +32,15 @@ and writes the file only when asked (``persist``, every ``federation.state_persi
 rounds: :func:`fopro_kd.round_schedule.persists_round`). A killed simulation loses the
 memory copy and resumes from the files of the last persisted round, the round of the
 server's last checkpoint too.
+
+Where the kept state lives (``federation.state_memory``): with ``context`` the serialised
+state itself is the ``context.state`` record, so Ray carries it from the driver to the actor
+and back with every message (twice 89.5 MB per site and round). With ``node`` (the default on
+one machine) it is a file in this machine's shared memory (:func:`new_live_root`, under
+``/dev/shm``), written without fsync and read by whichever actor serves the site next; the
+``context.state`` record holds only a one-use token (a random nonce also stored in the file),
+so a file left by another run, another round or a killed run is never mistaken for the
+site's state: a missing or mismatched file is :class:`ClientStateLost`, not a fresh start.
 """
 
 from __future__ import annotations
@@ -40,9 +49,12 @@ import io
 import logging
 import os
 import re
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -52,16 +64,23 @@ from flwr.app import ConfigRecord, RecordDict
 from fopro_kd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fopro_kd.federation.wire import STATE_KEY
 
+if TYPE_CHECKING:
+    from fopro_kd.config import Config
+
 logger = logging.getLogger("fopro_kd.federation")
 
 __all__ = [
     "CLIENT_STATE_FORMAT",
     "MEMORY_STATE_KEY",
     "ClientState",
+    "ClientStateLost",
     "STATE_KEY",
     "ClientStateStore",
     "check_state_key",
     "default_state_root",
+    "new_live_root",
+    "remove_live_root",
+    "state_memory_mode",
     "site_has_state",
 ]
 
@@ -70,6 +89,52 @@ MEMORY_STATE_KEY = "fopro-kd-client-state"
 """``context.state`` record holding a simulated site's serialised state between persists."""
 STATE_FILE = "client_state.pt"
 PREV_STATE_FILE = "client_state.prev.pt"
+
+
+LIVE_STATE_ENV = "FOPRO_KD_LIVE_STATE"
+"""Environment variable naming the folder for :func:`new_live_root` (default: ``/dev/shm``, else the temp dir)."""
+
+
+class ClientStateLost(RuntimeError):
+    """A simulated site's state kept on this machine between persists is gone or belongs to someone else."""
+
+
+def state_memory_mode(cfg: Config) -> Literal["node", "context"]:
+    """Where a simulated site keeps its state between persists: ``federation.state_memory``, ``auto`` resolved.
+
+    ``auto``: ``node`` (a shared-memory file on this machine) unless the simulation joins a Ray
+    cluster (``federation.ray_address``), where a site may be served by another machine next
+    round and only ``context`` (the engine carries the state) is right.
+    """
+    mode = cfg.federation.state_memory
+    if mode == "auto":
+        return "context" if cfg.federation.ray_address else "node"
+    return mode
+
+
+def new_live_root() -> Path:
+    """A fresh folder for one simulation's kept states: ``$FOPRO_KD_LIVE_STATE`` or ``/dev/shm``, else the temp dir.
+
+    One folder per simulation process (a random name), removed by :func:`remove_live_root` when
+    the simulation ends, so nothing of a killed or finished run is read by the next one.
+    ``/dev/shm`` is memory: no disk writes between persists, like ``context.state``.
+    """
+    env = os.environ.get(LIVE_STATE_ENV)
+    shm = Path("/dev/shm")
+    if env:
+        base = Path(env).expanduser()
+    elif shm.is_dir() and os.access(shm, os.W_OK):
+        base = shm
+    else:
+        base = Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="fopro-kd-live-", dir=base))
+
+
+def remove_live_root(root: Path | None) -> None:
+    """Remove a :func:`new_live_root` folder and every state kept in it (end of a simulation, also after a failure)."""
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def default_state_root() -> Path:
@@ -157,9 +222,16 @@ class ClientStateStore:
         folder name (:func:`check_state_key`).
     site_id : int
         The site whose state this is.
+    memory : RecordDict, optional
+        Simulation: the node's ``context.state``; the state is kept there (or named there) every
+        round and written to the directory only when :meth:`save` is asked to persist.
+    live_root : Path, optional
+        With ``memory``: keep the state in a file under this :func:`new_live_root` folder and only
+        its token in ``memory`` (``federation.state_memory: node``).
     """
 
-    def __init__(self, root: str | Path, run_key: str, site_id: int, memory: RecordDict | None = None) -> None:
+    def __init__(self, root: str | Path, run_key: str, site_id: int, memory: RecordDict | None = None,
+                 live_root: Path | None = None) -> None:
         self.site_id = int(site_id)
         self.run_key = check_state_key(run_key, f"site-{self.site_id}")
         self.root = Path(root).expanduser().resolve()
@@ -172,6 +244,9 @@ class ClientStateStore:
         self._current_known = False
         self.memory = memory
         """``context.state`` of the node in simulation (the state is kept there every round), else None."""
+        self.live_path = None if live_root is None else Path(live_root) / self.run_key / f"site-{self.site_id}.pt"
+        """With ``memory``: the shared-memory file holding the kept state (``federation.state_memory: node``);
+        None keeps the serialised state in ``memory`` itself."""
 
     def _read(self, path: Path) -> ClientState | None:
         if not path.is_file():
@@ -205,8 +280,33 @@ class ClientStateStore:
         persisted = int(record.get("persisted-round", -1))
         if persisted >= 0:  # this run wrote the current file: no need to read it back before the next save
             self._current_round, self._current_known = persisted, True
-        payload = torch.load(io.BytesIO(bytes(record["payload"])), weights_only=True)
-        return ClientState.from_payload(payload)
+        if "live-nonce" not in record:
+            return ClientState.from_payload(torch.load(io.BytesIO(bytes(record["payload"])), weights_only=True))
+        return ClientState.from_payload(self._read_live(str(record["live-nonce"]), int(record["last-round"])))
+
+    def _read_live(self, nonce: str, last_round: int) -> dict[str, Any]:
+        """The payload of the kept-state file whose nonce the node's ``context.state`` names; else ClientStateLost."""
+        path = self.live_path
+        kept = None
+        if path is not None and path.is_file():
+            kept = torch.load(path, weights_only=True)
+        if not isinstance(kept, dict) or kept.get("nonce") != nonce:
+            raise ClientStateLost(
+                f"site-{self.site_id}: its state of round {last_round}, kept on this machine between persists, is "
+                f"{'missing' if kept is None else 'replaced by another'} at {path} (was the site served by another "
+                "machine, or the folder removed?); resume the simulation from its last persisted round "
+                "('fopro-kd simulate --resume RUN'), and on a Ray cluster set federation.state_memory: context")
+        return kept["state"]
+
+    def _write_live(self, state: ClientState) -> str:
+        """Write the kept state to :attr:`live_path` (atomic rename, no fsync: memory, not a persist); its nonce."""
+        assert self.live_path is not None
+        nonce = uuid.uuid4().hex
+        self.live_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.live_path.with_name(self.live_path.name + ".partial")
+        torch.save({"nonce": nonce, "state": state.to_payload()}, partial)
+        os.replace(partial, self.live_path)
+        return nonce
 
     def load(self, before_round: int | None = None) -> ClientState:
         """The newest readable state (with ``last_round < before_round`` when given), else a fresh one.
@@ -246,16 +346,19 @@ class ClientStateStore:
         if persist or self.memory is None:
             digest = self._write(state)
         if self.memory is not None:
-            buffer = io.BytesIO()
-            torch.save(state.to_payload(), buffer)
             previous = self.memory.get(MEMORY_STATE_KEY)
             persisted = int(state.last_round) if digest is not None else (
                 int(previous.get("persisted-round", -1)) if isinstance(previous, ConfigRecord)
                 and previous.get("run-key") == self.run_key else -1)
-            self.memory[MEMORY_STATE_KEY] = ConfigRecord({
-                "run-key": self.run_key, "site-id": self.site_id, "last-round": int(state.last_round),
-                "persisted-round": persisted, "payload": buffer.getvalue(),
-            })
+            record: dict[str, Any] = {"run-key": self.run_key, "site-id": self.site_id,
+                                      "last-round": int(state.last_round), "persisted-round": persisted}
+            if self.live_path is not None:
+                record["live-nonce"] = self._write_live(state)
+            else:
+                buffer = io.BytesIO()
+                torch.save(state.to_payload(), buffer)
+                record["payload"] = buffer.getvalue()
+            self.memory[MEMORY_STATE_KEY] = ConfigRecord(record)
         return digest
 
     def _write(self, state: ClientState) -> str:

@@ -369,8 +369,16 @@ class FederationConfig:
     state_persist_every: int = 1
     """Simulation: each site's state (optimizer, prompt, RNG) stays in the engine's memory (``context.state``) and
     is written to disk, with the server's checkpoint, every k rounds and in the last; a killed run resumes from the
-    last persisted round and repeats at most k - 1 rounds. Deployment (SuperNodes) always persists every round.
+    last persisted round and repeats at most k - 1 rounds. 1: written and read back every round, nothing kept in
+    memory (a hospital costs the simulation what it costs in deployment). Deployment (SuperNodes) always persists
+    every round.
     Must be 1 with ``privacy.mode`` local/central (a repeated round would be charged twice or not at all)."""
+    state_memory: Literal["auto", "node", "context"] = "auto"
+    """Simulation, between persists: where each site's kept state lives. ``node``: a file in this machine's shared
+    memory (``/dev/shm``, or ``$FOPRO_KD_LIVE_STATE``), only a one-use token in ``context.state``; ``context``: the
+    serialised state in ``context.state``, which Ray carries to the actor and back with every message (the behaviour
+    before; needed on a Ray cluster, where another machine may serve the site). ``auto``: ``context`` with
+    ``ray_address``, else ``node`` (client/state.py)."""
     reuse_client_models: bool = True
     """Simulation actors keep one student module per architecture and load each round's global weights into it
     (client/model_cache.py); ``false`` builds them for every message (the behaviour before; for benchmarks)."""

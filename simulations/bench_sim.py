@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client.state import LIVE_STATE_ENV, new_live_root, remove_live_root
 from simulations.bench_common import REPO_ROOT, format_table, target
 from simulations.tiny_federation import tiny_federation_values
 
@@ -104,14 +105,32 @@ def _mem_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-class TreeMemoryPoller:
-    """Poll a process tree's summed RSS / PSS every ``interval`` seconds in a thread; keep the peaks."""
+def _folder_kb(folder: Path | None) -> int:
+    """Bytes (kB) of the files under ``folder``: the sites' kept states in shared memory, which no PSS counts."""
+    if folder is None:
+        return 0
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except OSError:  # replaced or removed while walking
+            pass
+    return total // 1024
 
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
+
+class TreeMemoryPoller:
+    """Poll a process tree's summed RSS / PSS every ``interval`` seconds in a thread; keep the peaks.
+
+    ``shared_folder``: a shared-memory folder of the run (``federation.state_memory: node``); its
+    files are memory too, so ``peak_memory_kb`` is the peak of tree PSS + their size.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.5, shared_folder: Path | None = None) -> None:
         self.pid = pid
         self.interval = interval
+        self.shared_folder = shared_folder
         self.peak_rss_kb = self.peak_pss_kb = self.peak_single_rss_kb = self.max_processes = 0
-        self.peak_root_rss_kb = 0
+        self.peak_root_rss_kb = self.peak_shared_kb = self.peak_memory_kb = 0
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -121,7 +140,10 @@ class TreeMemoryPoller:
             pids = _tree(self.pid)
             mems = [_mem_kb(p) for p in pids]
             self.peak_rss_kb = max(self.peak_rss_kb, sum(m[0] for m in mems))
-            self.peak_pss_kb = max(self.peak_pss_kb, sum(m[1] for m in mems))
+            pss, shared = sum(m[1] for m in mems), _folder_kb(self.shared_folder)
+            self.peak_pss_kb = max(self.peak_pss_kb, pss)
+            self.peak_shared_kb = max(self.peak_shared_kb, shared)
+            self.peak_memory_kb = max(self.peak_memory_kb, pss + shared)
             self.peak_single_rss_kb = max([self.peak_single_rss_kb] + [m[0] for m in mems])
             self.peak_root_rss_kb = max(self.peak_root_rss_kb, mems[0][0] if mems else 0)
             self.max_processes = max(self.max_processes, len(pids))
@@ -169,26 +191,32 @@ def _run_simulation_once(config: Path, overrides: list[str], out_dir: Path, time
     if os.environ.get("FOPRO_BENCH_OMP_SET") == "1":
         env.pop("OMP_WAIT_POLICY", None)  # measure the simulation as users run it
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    shared = new_live_root()  # the child's kept states (federation.state_memory: node) go here, and are measured
+    env[LIVE_STATE_ENV] = str(shared)
     log_file = out_dir.parent / f"{out_dir.name}.log"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with open(log_file, "w") as log, subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(rusage_file), *args], cwd=REPO_ROOT, env=env,
-        stdout=log, stderr=subprocess.STDOUT,
-    ) as proc:
-        with TreeMemoryPoller(proc.pid) as poller:
-            try:
-                rc = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
-                rc = rc if rc else -9
+    try:
+        with open(log_file, "w") as log, subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(rusage_file), *args], cwd=REPO_ROOT, env=env,
+            stdout=log, stderr=subprocess.STDOUT,
+        ) as proc:
+            with TreeMemoryPoller(proc.pid, shared_folder=shared) as poller:
+                try:
+                    rc = proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    rc = proc.wait()
+                    rc = rc if rc else -9
+    finally:
+        remove_live_root(shared)
     wall = time.perf_counter() - started
     usage = json.loads(rusage_file.read_text()) if rusage_file.is_file() else {}
     tail = log_file.read_text(errors="replace").splitlines()[-25:] if log_file.is_file() else []
     return {
         "rc": rc, "wall_s": wall, "log": str(log_file),
         "peak_tree_rss_mb": poller.peak_rss_kb / 1024, "peak_tree_pss_mb": poller.peak_pss_kb / 1024,
+        "peak_shared_state_mb": poller.peak_shared_kb / 1024, "peak_memory_mb": poller.peak_memory_kb / 1024,
         "peak_single_process_rss_mb": poller.peak_single_rss_kb / 1024, "max_processes": poller.max_processes,
         "memory_samples": poller.samples,
         "peak_driver_rss_mb": poller.peak_root_rss_kb / 1024,
@@ -301,7 +329,7 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
     from flwr.app import RecordDict
 
     from fopro_kd.federation.sites import SiteSpec, load_site_data
-    from client.state import ClientState, ClientStateStore
+    from client.state import ClientState, ClientStateStore, state_memory_mode
     from fopro_kd.config import load_config
     from fopro_kd.training.components import build_models, shared_teacher
     from fopro_kd.training.trainer import LocalTrainer
@@ -329,6 +357,8 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
         try:
             store = ClientStateStore(tmp, "run", 0)
             memory_store = ClientStateStore(tmp, "run-memory", 0, memory=RecordDict())
+            live_root = new_live_root()
+            node_store = ClientStateStore(tmp, "run-node", 0, memory=RecordDict(), live_root=live_root)
             state_mb = 0.0
             for _ in range(repeats + 1):
                 student, prompt = timed("build_models", lambda: build_models(cfg, data.train.num_classes, teacher))
@@ -348,6 +378,9 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
                 # the simulation path since issue 16: the state kept in the node's context.state
                 timed("state_save_memory", lambda: memory_store.save(new, persist=False))
                 timed("state_load_memory", lambda: memory_store.load())
+                # federation.state_memory: node: a shared-memory file, only its token in context.state
+                timed("state_save_node", lambda: node_store.save(new, persist=False))
+                timed("state_load_node", lambda: node_store.load())
                 timed("reply_record", lambda: ArrayRecord({k: v.detach().cpu() for k, v in student.state_dict().items()}))
                 # evaluate handler
                 glob = timed("eval_build_student", lambda: build_global_student(cfg, data.train.num_classes))
@@ -356,13 +389,17 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
             torch.save(global_state, buffer)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            remove_live_root(live_root)
         medians = {k: st.median(v[1:] if len(v) > 1 else v) for k, v in timings.items()}
-        memory_keys = ("state_save_memory", "state_load_memory")
-        per_round = sum(v for k, v in medians.items() if k != "train_1_step" and k not in memory_keys)
-        # now: no model building (cached per actor), state in memory, the file written every state_persist_every
+        kept = {"context": ("state_save_memory", "state_load_memory"), "node": ("state_save_node", "state_load_node")}
+        per_round = sum(v for k, v in medians.items()
+                        if k != "train_1_step" and not any(k in keys for keys in kept.values()))
+        # now: no model building (cached per actor), state kept in memory (federation.state_memory), the file
+        # written every state_persist_every rounds; Ray's transfer of context.state is not in this in-process figure
         every = max(1, cfg.federation.state_persist_every)
         now = (per_round - medians["build_models"] - medians["eval_build_student"] - medians["state_save"]
-               - medians["state_load"] + sum(medians[k] for k in memory_keys) + medians["state_save"] / every)
+               - medians["state_load"] + sum(medians[k] for k in kept[state_memory_mode(cfg)])
+               + medians["state_save"] / every)
         return {
             "site": 0, "train_images": len(data.train), "local_test_images": len(data.local_test),
             "first_site_data_s": first_data_s, "client_state_file_mb": state_mb,
@@ -379,7 +416,7 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
 
 PREVIOUS_BEHAVIOUR = [
     "federation.evaluate_every=1", "federation.test_every_round=true", "federation.state_persist_every=1",
-    "federation.reuse_client_models=false", "federation.evaluate_in_train=false",
+    "federation.reuse_client_models=false", "federation.evaluate_in_train=false", "federation.state_memory=context",
 ]
 """The simulation as it ran before issue 16: state file and server checkpoint every round, models rebuilt for every
 message, server (val + test) and federated evaluation (its own phase) every round."""
@@ -448,6 +485,7 @@ def run_simulation_suite(opts: dict[str, Any]) -> dict[str, Any]:
             "client_train_s_sum": [baseline["client_train_s_sum_median"], run["client_train_s_sum_median"]],
             "process_wall_s": [baseline["process"]["wall_s"], proc["wall_s"]],
             "peak_tree_pss_mb": [baseline["process"]["peak_tree_pss_mb"], proc["peak_tree_pss_mb"]],
+            "peak_memory_mb": [baseline["process"]["peak_memory_mb"], proc["peak_memory_mb"]],
         }
     # the run directory is kept for `comm` (the global model); it is removed by bench.main afterwards
     result["_cleanup"] = str(work) if temporary and not opts.get("keep_runs") else None
@@ -487,6 +525,7 @@ def run_scaling(opts: dict[str, Any]) -> dict[str, Any]:
                 "outside_training_share": run["outside_training_share_median"],
                 "client_train_s_sum": run["client_train_s_sum_median"], "wall_s": proc["wall_s"],
                 "peak_tree_pss_mb": proc["peak_tree_pss_mb"], "peak_tree_rss_mb": proc["peak_tree_rss_mb"],
+                "peak_memory_mb": proc["peak_memory_mb"], "peak_shared_state_mb": proc["peak_shared_state_mb"],
                 "peak_single_process_rss_mb": proc["peak_single_process_rss_mb"],
                 "ru_maxrss_children_mb": proc["ru_maxrss_children_mb"], "peak_driver_rss_mb": proc["peak_driver_rss_mb"],
                 "max_processes": proc["max_processes"], "overrides": overrides,
@@ -497,10 +536,10 @@ def run_scaling(opts: dict[str, Any]) -> dict[str, Any]:
         if temporary and not opts.get("keep_runs"):
             shutil.rmtree(work, ignore_errors=True)
     lo, hi = rows[0], rows[-1]
-    ratio_pss = hi["peak_tree_pss_mb"] / lo["peak_tree_pss_mb"] if lo["peak_tree_pss_mb"] else None
+    ratio_pss = hi["peak_memory_mb"] / lo["peak_memory_mb"] if lo["peak_memory_mb"] else None
     ratio_rss = hi["peak_tree_rss_mb"] / lo["peak_tree_rss_mb"] if lo["peak_tree_rss_mb"] else None
     for r in rows:
-        r["pss_vs_first"] = r["peak_tree_pss_mb"] / lo["peak_tree_pss_mb"] if lo["peak_tree_pss_mb"] else None
+        r["memory_vs_first"] = r["peak_memory_mb"] / lo["peak_memory_mb"] if lo["peak_memory_mb"] else None
         r["round_s_vs_first"] = (r["round_s_median"] / lo["round_s_median"]
                                  if lo["round_s_median"] and r["round_s_median"] else None)
     return {
@@ -509,7 +548,8 @@ def run_scaling(opts: dict[str, Any]) -> dict[str, Any]:
                  "process tree, polled every 0.5 s from /proc"),
         "config": str(config), "rows": rows,
         "targets": [
-            target(f"peak memory (tree PSS) {hi['hospitals']} vs {lo['hospitals']} hospitals", ratio_pss, 2.0, "<", "x"),
+            target(f"peak memory (tree PSS + kept states) {hi['hospitals']} vs {lo['hospitals']} hospitals", ratio_pss,
+                   2.0, "<", "x"),
             target(f"peak memory (tree RSS) {hi['hospitals']} vs {lo['hospitals']} hospitals", ratio_rss, 2.0, "<", "x",
                    note="RSS counts shared pages once per process"),
         ],
@@ -528,7 +568,9 @@ def render_simulation(result: dict[str, Any]) -> str:
         result["what"], "", rounds, "",
         f"steady state: {result['round_s_median']:.1f} s/round, outside client training "
         f"{100 * (result['outside_training_share_median'] or 0):.1f}% ; process wall {proc['wall_s']:.1f} s "
-        f"(start-up + shut-down {result['startup_and_shutdown_s']:.1f} s), peak tree PSS {proc['peak_tree_pss_mb']:.0f} MB",
+        f"(start-up + shut-down {result['startup_and_shutdown_s']:.1f} s), peak memory {proc['peak_memory_mb']:.0f} MB "
+        f"(tree PSS {proc['peak_tree_pss_mb']:.0f} MB + kept states in shared memory up to "
+        f"{proc['peak_shared_state_mb']:.0f} MB)",
         "",
         f"per-client, per-round work besides training (site 0, in-process medians; state file "
         f"{over['client_state_file_mb']:.1f} MB, model {over['model_mb']:.1f} MB):",
@@ -550,5 +592,5 @@ def render_scaling(result: dict[str, Any]) -> str:
         return result["skipped"]
     return result["what"] + "\n\n" + format_table(result["rows"], [
         "hospitals", "round_s_median", "round_s_vs_first", "first_round_s", "outside_training_share", "wall_s",
-        "peak_tree_pss_mb", "pss_vs_first", "peak_tree_rss_mb", "peak_driver_rss_mb", "peak_single_process_rss_mb",
-        "max_processes"])
+        "peak_memory_mb", "memory_vs_first", "peak_tree_pss_mb", "peak_shared_state_mb", "peak_tree_rss_mb",
+        "peak_driver_rss_mb", "peak_single_process_rss_mb", "max_processes"])

@@ -162,6 +162,7 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
+    from client.state import new_live_root, remove_live_root, state_memory_mode
     from fopro_kd.logging_setup import detach_flower_console
 
     detach_flower_console()  # Flower's own console handler + propagation printed every line twice
@@ -178,13 +179,18 @@ def simulate(
     run.save_config(cfg)
     write_site_histograms(cfg, run)
     _prepare_teacher(cfg)
-    # sites keep their state in the engine's memory between persists (federation.state_persist_every)
-    client_app = client_app or make_client_app(cfg, state_root=run.resolve("client_state"), memory_state=True)
     server_app = server_app or make_server_app(cfg, run.path, parallel_slots=_parallel_slots(cfg), resume=resume)
+    # sites keep their state in memory between persists (federation.state_persist_every, federation.state_memory);
+    # persisted every round, it is read back every round as in deployment and nothing is held in memory
+    memory_state = cfg.federation.state_persist_every > 1
+    live_root = new_live_root() if client_app is None and memory_state and state_memory_mode(cfg) == "node" else None
+    client_app = client_app or make_client_app(cfg, state_root=run.resolve("client_state"), memory_state=memory_state,
+                                               live_root=live_root)
     if cfg.federation.state_persist_every > 1 and cfg.federation.num_clients > 16:
-        logger.warning("federation.state_persist_every=%d keeps the state of all %d hospitals in the driver's memory "
-                       "between persists (one optimizer state each, e.g. 89.5 MB for a ResNet-18 student); set it to "
-                       "1 if memory is short", cfg.federation.state_persist_every, cfg.federation.num_clients)
+        logger.warning("federation.state_persist_every=%d keeps the state of all %d hospitals in memory (%s) between "
+                       "persists (one optimizer state each, e.g. 89.5 MB for a ResNet-18 student); set it to 1 if "
+                       "memory is short", cfg.federation.state_persist_every, cfg.federation.num_clients,
+                       "the driver" if live_root is None else live_root)
     logger.info("simulating %d hospitals for %d rounds (%s) into %s", cfg.federation.num_clients,
                 cfg.federation.num_rounds, cfg.federation.strategy, run.path)
     try:
@@ -196,6 +202,7 @@ def simulate(
         )
     finally:
         _shutdown_ray()
+        remove_live_root(live_root)
     metrics_file = run.path / "metrics.json"
     if not metrics_file.is_file():
         raise RuntimeError(f"the simulation ended without writing {metrics_file}; see the log above")

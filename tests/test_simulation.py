@@ -50,11 +50,17 @@ def crashing_client_app(cfg: Config, state_root: Path, site: int):
     return app
 
 
-def test_cli_simulate_writes_the_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_simulate_writes_the_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     config_file = tmp_path / "sim.yaml"
-    config_file.write_text(yaml.safe_dump(TINY))
+    values = json.loads(json.dumps(TINY))
+    values["federation"]["state_persist_every"] = 2  # round 1 kept in memory (state_memory auto = node), 2 persisted
+    config_file.write_text(yaml.safe_dump(values))
     out = tmp_path / "run"
+    live = tmp_path / "live"
+    monkeypatch.setenv("FOPRO_KD_LIVE_STATE", str(live))  # where the Ray actors keep the sites' state
     assert cli_main(["simulate", "--config", str(config_file), "--out", str(out)]) == 0
+    assert live.is_dir() and not any(live.iterdir()), "the simulation removes the states it kept on the node"
     printed = capsys.readouterr().out
     assert "training images per class and site" in printed and "global test balanced accuracy" in printed
 
@@ -71,7 +77,8 @@ def test_cli_simulate_writes_the_run_directory(tmp_path: Path, capsys: pytest.Ca
     hist = json.loads((out / "site_histograms.json").read_text())
     assert hist["styles"] == {"site-0": "scanner_a", "site-1": "scanner_b", "site-2": "scanner_c"}
     assert (out / "config.yaml").is_file() and (out / "best.pt").is_file()
-    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["server-round-0001.pt", "server-round-0002.pt"]
+    # persisted rounds only (state_persist_every 2): the initial model and the last round
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["server-round-0000.pt", "server-round-0002.pt"]
     for name in ("class_histograms.png", "per_class_recall_rounds.png", "site_balanced_accuracy.png",
                  "aggregation_weights.png"):
         assert (out / "plots" / name).is_file(), name

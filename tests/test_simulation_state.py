@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from client.client_app import make_client_app
-from client.state import MEMORY_STATE_KEY, ClientStateStore
+from client.state import MEMORY_STATE_KEY, ClientState, ClientStateLost, ClientStateStore, state_memory_mode
 from fopro_kd.checkpoint import load_checkpoint
 from fopro_kd.config import Config, ConfigError, config_from_dict, load_config
 from fopro_kd.round_schedule import evaluates_round, persists_round
@@ -56,8 +56,8 @@ class KillAfterTrainRound(LocalGrid):
 
 
 def federate(cfg: Config, out: Path, state: Path, *, memory_state: bool, resume: bool = False, run_id: int = 21,
-             kill_round: int | None = None) -> tuple[dict[str, Any] | None, LocalGrid]:
-    app = make_client_app(cfg, state_root=state, memory_state=memory_state)
+             kill_round: int | None = None, live_root: Path | None = None) -> tuple[dict[str, Any] | None, LocalGrid]:
+    app = make_client_app(cfg, state_root=state, memory_state=memory_state, live_root=live_root)
     grid = KillAfterTrainRound(app, cfg.federation.num_clients, run_id=run_id, kill_round=kill_round)
     try:
         return run_federation(grid, cfg, out, resume=resume), grid
@@ -100,11 +100,14 @@ def test_schedule_rule() -> None:
     assert [r for r in range(5) if evaluates_round(cfg, r)] == [0, 2, 4]
 
 
-def test_state_in_memory_between_persists_trains_exactly_as_on_disk(disk_reference, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kept_in", ["context", "node"])
+def test_state_in_memory_between_persists_trains_exactly_as_on_disk(disk_reference, tmp_path: Path,
+                                                                    kept_in: str) -> None:
     ref_dir, ref_metrics = disk_reference
     cfg = tiny(state_persist_every=3)
     out, state = tmp_path / "run", tmp_path / "state"
-    metrics, grid = federate(cfg, out, state, memory_state=True)
+    live = tmp_path / "live" if kept_in == "node" else None
+    metrics, grid = federate(cfg, out, state, memory_state=True, live_root=live)
     assert metrics is not None
     # the same training: the state that stayed in memory is the one the disk run read back
     assert_same(final_global(out), final_global(ref_dir))
@@ -118,6 +121,10 @@ def test_state_in_memory_between_persists_trains_exactly_as_on_disk(disk_referen
     for context in grid.contexts.values():
         record = context.state[MEMORY_STATE_KEY]
         assert int(record["last-round"]) == 4 and int(record["persisted-round"]) == 4
+        # node: the engine's record is a token (kilobytes, not the 100+ kB optimizer state), the state a file
+        assert ("payload" in record) == (kept_in == "context") and ("live-nonce" in record) == (kept_in == "node")
+    if live is not None:
+        assert sorted(p.name for p in live.glob("*/site-*.pt")) == [f"site-{i}.pt" for i in range(3)]
     assert [r for r, _ in ServerCheckpointStore(RunDir(out)).checkpoints()] == [4, 3]
 
 
@@ -135,18 +142,52 @@ def test_memory_state_survives_rounds_without_files(tmp_path: Path) -> None:
     assert [r for r, _ in ServerCheckpointStore(RunDir(out)).checkpoints()] == [0]  # only round 0 persisted
 
 
-def test_kill_between_persists_resumes_from_the_last_persisted_round(disk_reference, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kept_in", ["context", "node"])
+def test_kill_between_persists_resumes_from_the_last_persisted_round(disk_reference, tmp_path: Path,
+                                                                     kept_in: str) -> None:
     ref_dir, ref_metrics = disk_reference
     cfg = tiny(state_persist_every=2)
     out, state = tmp_path / "run", tmp_path / "state"
-    metrics, _ = federate(cfg, out, state, memory_state=True, kill_round=3)  # rounds 1-2 done, 3 trained, not saved
+    live = tmp_path / "live" if kept_in == "node" else None
+    metrics, _ = federate(cfg, out, state, memory_state=True, kill_round=3, live_root=live)  # round 3 trained, not saved
     assert metrics is None
     assert ServerCheckpointStore(RunDir(out)).checkpoints()[0][0] == 2
-    metrics, _ = federate(cfg, out, state, memory_state=True, resume=True, run_id=22)  # fresh contexts
+    # fresh contexts; with node the killed run's files of round 3 are still there (same folder): the tokens ignore them
+    metrics, _ = federate(cfg, out, state, memory_state=True, resume=True, run_id=22, live_root=live)
     assert metrics is not None and metrics["resumed_from_round"] == 2
     assert [int(r["round"]) for r in history(out)] == [0, 1, 2, 3, 4], "every round exactly once"
     assert_same(final_global(out), final_global(ref_dir))  # round 3 repeated from the persisted state of round 2
     assert metrics["balanced_accuracy"] == ref_metrics["balanced_accuracy"]
+
+
+def test_kept_state_on_the_node_is_found_by_its_token_only(tmp_path: Path) -> None:
+    """Another actor (a new store, the same context) reads the file; a replaced or removed file is an error."""
+    from flwr.app import RecordDict
+
+    memory = RecordDict()
+    trainer = {"step": torch.arange(5.0)}
+    writer = ClientStateStore(tmp_path / "state", "run-a", 2, memory=memory, live_root=tmp_path / "live")
+    writer.save(ClientState(2, trainer, rounds_trained=1, last_round=1), persist=False)
+    assert not list((tmp_path / "state").rglob("*.pt")), "between persists nothing is written to the state root"
+    reader = ClientStateStore(tmp_path / "state", "run-a", 2, memory=memory, live_root=tmp_path / "live")
+    kept = reader.load(before_round=2)
+    assert kept.rounds_trained == 1 and torch.equal(kept.trainer["step"], trainer["step"])
+    # another run (another context) wrote the same path: this context's token no longer matches
+    ClientStateStore(tmp_path / "state", "run-a", 2, memory=RecordDict(), live_root=tmp_path / "live").save(
+        ClientState(2, {"step": torch.zeros(1)}, rounds_trained=7, last_round=1), persist=False)
+    with pytest.raises(ClientStateLost, match=r"site-2: its state of round 1.*replaced by another.*--resume"):
+        reader.load(before_round=2)
+    writer.live_path.unlink()
+    with pytest.raises(ClientStateLost, match=r"site-2: its state of round 1.*missing.*state_memory: context"):
+        reader.load(before_round=2)
+
+
+def test_state_memory_auto_is_node_unless_on_a_ray_cluster() -> None:
+    assert state_memory_mode(tiny()) == "node"
+    assert state_memory_mode(tiny(ray_address="10.0.0.5:6379")) == "context"
+    assert state_memory_mode(tiny(ray_address="10.0.0.5:6379", state_memory="node")) == "node"
+    with pytest.raises(ConfigError, match="state_memory"):
+        load_config(None, ["federation.state_memory=shm"])
 
 
 def test_dp_refuses_state_persist_every_above_one() -> None:
