@@ -280,3 +280,42 @@ def test_recorder_files_train_reply_scores_under_the_scored_round() -> None:
     assert recorder.rounds[2].site_eval == {7: ([1, 2], [2, 2])}, "kept under round 2, not overwritten by round 5"
     assert 4 not in recorder.rounds and not recorder.rounds[5].site_eval
     assert "more correct predictions than samples" in recorder.rounds[5].eval_errors[7]
+
+
+def ledger_epsilons(state: Path, sites: int, delta: float) -> list[float]:
+    from fopro_kd.privacy.ledger import PrivacyLedgerStore
+
+    return [PrivacyLedgerStore(state, site).read().epsilon(delta) for site in range(sites)]
+
+
+def test_local_dp_run_killed_after_a_charged_round_resumes_without_undercounting(tmp_path: Path) -> None:
+    """Killed after the sites charged and sent round 3 but before the server kept it: the ledger keeps round 3.
+
+    The resumed server sends round 3 again; every site refuses it (its ledger already charged
+    round 3: a replay would spend privacy the reported epsilon hides), the round is recorded
+    once as failed, and round 4 trains. No ledger ever decreases.
+    """
+    cfg = config_from_dict(tiny_values(federation={"num_rounds": 4, "min_available_clients": 3,
+                                                   "max_failed_rounds": 2},
+                                       privacy={"mode": "local", "target_epsilon": 50.0}))
+    out, state = tmp_path / "run", tmp_path / "state"
+    sites = cfg.federation.num_clients
+    delta = cfg.privacy.delta
+    metrics, _ = federate(cfg, out, state, memory_state=False, kill_round=3)
+    assert metrics is None
+    before = ledger_epsilons(state, sites, delta)
+    assert all(e > 0 for e in before)
+    metrics, _ = federate(cfg, out, state, memory_state=False, resume=True, run_id=22)
+    assert metrics is not None and metrics["resumed_from_round"] == 2
+    rows = history(out)
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4], "every round exactly once"
+    assert rows[3]["clients_aggregated"] == "0" and rows[3]["clients_failed"] == str(sites)
+    assert all("RoundNotIncreasing" in why and "refusing round 3" in why
+               for why in metrics["failed_replies"]["3"].values())
+    assert rows[4]["clients_aggregated"] == str(sites)
+    after = ledger_epsilons(state, sites, delta)
+    assert all(a > b for a, b in zip(after, before)), (before, after)  # round 4 charged on top of the kept round 3
+    from fopro_kd.privacy.ledger import PrivacyLedgerStore
+
+    for site in range(sites):
+        assert [e["round"] for e in PrivacyLedgerStore(state, site).read().entries] == [1, 2, 3, 4]
