@@ -69,6 +69,7 @@ from fopro_kd.stats import (  # noqa: E402
     rarest_classes,
 )
 from fopro_kd.training.single_site import train_single_site  # noqa: E402
+from simulations.plot_rounds import write_round_curves  # noqa: E402
 
 METRICS = ("balanced_accuracy", "rare_recall")
 """The metrics of ``summary`` and ``paired``."""
@@ -284,6 +285,7 @@ def run_benchmark(
     logger = logging.getLogger("fopro_kd")
     rows: list[dict[str, Any]] = []
     predictions: dict[tuple[str, int], list[Predictions]] = {}
+    curves: dict[str, dict[str, Path]] = {}  # federated: "-seed<s>[-fold<f>]" -> {variant: run dir}
     for fold in fold_list:
         # one split per fold, shared by every seed and single-site variant (it depends on split.seed only;
         # federated runs rebuild it in the simulation)
@@ -312,6 +314,11 @@ def run_benchmark(
                 })
                 logger.info("%s: bACC %.4f", name, metrics["balanced_accuracy"])
                 _write(out, {**settings, "rows": rows})
+                if federated:  # every federation of this seed so far, per round on one axis
+                    done = curves.setdefault(name.removeprefix(method), {})
+                    done[method] = out / name
+                    write_round_curves(done, [str(pred.class_names[i]) for i in rare],
+                                       out / f"rounds{name.removeprefix(method)}")
     results = {**settings, "rows": rows, **paired_statistics(predictions, list(methods), list(seeds), reference,
                                                               rare, n_boot)}
     _write(out, results)

@@ -53,6 +53,18 @@ def round_curves(variants: dict[str, Path], rare_classes: list[str]) -> list[dic
     return [rows[r] for r in sorted(rows)]
 
 
+def write_round_curves(variants: dict[str, Path], rare_classes: list[str], prefix: str | Path) -> list[Path]:
+    """``<prefix>-balanced-accuracy.png`` and ``<prefix>-rare-recall.png`` for ``variants`` (name -> run dir)."""
+    rows = round_curves(variants, rare_classes)
+    rare = ", ".join(rare_classes)
+    return [
+        plot_lines_by_group(rows, "round", "bacc/", f"{prefix}-balanced-accuracy.png",
+                            "global model, test balanced accuracy per round", ylabel="balanced accuracy"),
+        plot_lines_by_group(rows, "round", "rare/", f"{prefix}-rare-recall.png",
+                            f"global model, mean test recall of {rare} per round", ylabel="rare-class recall"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=DIR",
@@ -68,14 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in variants:
             parser.error(f"--variant {name!r} given twice")
         variants[name] = Path(folder)
+    paths = write_round_curves(variants, args.rare_classes, args.out)
     rows = round_curves(variants, args.rare_classes)
-    rare = ", ".join(args.rare_classes)
-    paths = [
-        plot_lines_by_group(rows, "round", "bacc/", f"{args.out}-balanced-accuracy.png",
-                            "global model, test balanced accuracy per round", ylabel="balanced accuracy"),
-        plot_lines_by_group(rows, "round", "rare/", f"{args.out}-rare-recall.png",
-                            f"global model, mean test recall of {rare} per round", ylabel="rare-class recall"),
-    ]
     for name in variants:
         tested = [r for r in rows if r.get(f"bacc/{name}") is not None]
         if tested:

@@ -171,3 +171,39 @@ def test_a_stopped_single_site_run_in_the_queue_is_resumed(tmp_path: Path, monke
     bench._run_variant(config, ["train.method=bsm"], tmp_path / "stopped", None, federated=False, skip_finished=True)
     bench._run_variant(config, ["train.method=ce"], tmp_path / "stopped", None, federated=False, skip_finished=True)
     assert seen == [False, True, False]
+
+
+def test_federated_queue_draws_the_round_curves_of_each_seed(tmp_path: Path, monkeypatch) -> None:
+    """After every federation the curves of that seed's federations so far are redrawn (runs faked here)."""
+    import csv
+
+    import numpy as np
+
+    import simulations.benchmark_methods as bench
+    from fopro_kd.stats import save_predictions
+
+    config = _tiny_config(tmp_path)
+    classes = [f"class_{i}" for i in range(4)]
+
+    def fake_federation(config_path, overrides, out, splits, federated, skip_finished):
+        assert federated and splits is None
+        out.mkdir(parents=True)
+        with open(out / "history.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["round", "test_balanced_accuracy",
+                                                        *(f"recall/{c}" for c in classes)])
+            writer.writeheader()
+            for rnd in range(3):
+                writer.writerow({"round": rnd, "test_balanced_accuracy": 0.1 * rnd,
+                                 **{f"recall/{c}": 0.2 * rnd for c in classes}})
+        labels = np.arange(8) % 4
+        save_predictions(out / "predictions_test.npz", [str(i) for i in range(8)], labels, np.eye(4)[labels],
+                         classes)
+        return {"balanced_accuracy": 1.0, "few_shot": 1.0, "medium_shot": 1.0, "many_shot": 1.0, "macro_f1": 1.0,
+                "seconds": 1.0, "best_epoch": 2}
+
+    monkeypatch.setattr(bench, "_run_variant", fake_federation)
+    run_benchmark(str(config), tmp_path / "out", ["fedavg+bsm", "fedmas+bsm"], [0, 1], [], federated=True,
+                  rare_classes=["class_0", "class_1"], n_boot=20)
+    for seed in (0, 1):
+        for name in ("balanced-accuracy", "rare-recall"):
+            assert (tmp_path / "out" / f"rounds-seed{seed}-{name}.png").is_file(), (seed, name)
