@@ -112,21 +112,28 @@ def state_memory_mode(cfg: Config) -> Literal["node", "context"]:
     return mode
 
 
+SHARED_MEMORY_MIN_FREE = 2 * 2**30
+"""``/dev/shm`` is used only with this much free (bytes): containers often mount it with 64 MB."""
+
+
 def new_live_root() -> Path:
     """A fresh folder for one simulation's kept states: ``$FOPRO_KD_LIVE_STATE`` or ``/dev/shm``, else the temp dir.
 
     One folder per simulation process (a random name), removed by :func:`remove_live_root` when
     the simulation ends, so nothing of a killed or finished run is read by the next one.
-    ``/dev/shm`` is memory: no disk writes between persists, like ``context.state``.
+    ``/dev/shm`` is memory: no disk writes between persists, like ``context.state``; it is
+    skipped when it has less than :data:`SHARED_MEMORY_MIN_FREE` free (the temp dir then: files
+    in the page cache, written back to disk by the kernel).
     """
     env = os.environ.get(LIVE_STATE_ENV)
     shm = Path("/dev/shm")
     if env:
         base = Path(env).expanduser()
-    elif shm.is_dir() and os.access(shm, os.W_OK):
+    elif shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= SHARED_MEMORY_MIN_FREE:
         base = shm
     else:
         base = Path(tempfile.gettempdir())
+        logger.info("simulated sites keep their state between persists in %s (no roomy /dev/shm)", base)
     base.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="fopro-kd-live-", dir=base))
 

@@ -319,3 +319,22 @@ def test_local_dp_run_killed_after_a_charged_round_resumes_without_undercounting
 
     for site in range(sites):
         assert [e["round"] for e in PrivacyLedgerStore(state, site).read().entries] == [1, 2, 3, 4]
+
+
+def test_a_small_dev_shm_is_not_used_for_kept_states(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Containers mount /dev/shm with 64 MB: the kept states go to the temp dir instead of failing every round."""
+    import shutil
+    from collections import namedtuple
+
+    import client.state as state_module
+
+    monkeypatch.delenv(state_module.LIVE_STATE_ENV, raising=False)
+    monkeypatch.setattr(state_module.tempfile, "tempdir", str(tmp_path))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 * 2**20, 0, 64 * 2**20))
+    root = state_module.new_live_root()
+    try:
+        assert root.parent == tmp_path and root.name.startswith("fopro-kd-live-")
+    finally:
+        state_module.remove_live_root(root)
+    assert not root.exists()
