@@ -74,6 +74,7 @@ __all__ = [
     "MEMORY_STATE_KEY",
     "ClientState",
     "ClientStateLost",
+    "LIVE_STATE_ENV",
     "STATE_KEY",
     "ClientStateStore",
     "check_state_key",
