@@ -354,10 +354,10 @@ def client_overhead_breakdown(config: Path, overrides: list[str], repeats: int =
             return out
 
         tmp = Path(tempfile.mkdtemp(prefix="fopro-bench-state-"))
+        live_root = new_live_root()
         try:
             store = ClientStateStore(tmp, "run", 0)
             memory_store = ClientStateStore(tmp, "run-memory", 0, memory=RecordDict())
-            live_root = new_live_root()
             node_store = ClientStateStore(tmp, "run-node", 0, memory=RecordDict(), live_root=live_root)
             state_mb = 0.0
             for _ in range(repeats + 1):

@@ -296,7 +296,8 @@ def run_benchmark(
             first_splits = None  # at most one fold's images in memory
         for seed in seeds:
             for method, extra in variants.items():
-                name = f"{method}-seed{seed}" + ("" if fold is None else f"-fold{fold}")
+                suffix = f"-seed{seed}" + ("" if fold is None else f"-fold{fold}")
+                name = method + suffix
                 seed_override = [f"seed={run_seed(seed, fold)}"]
                 metrics = _run_variant(config, overrides + fold_overrides(fold) + seed_override + extra,
                                        out / name, None if method in own_data else splits, federated,
@@ -315,10 +316,9 @@ def run_benchmark(
                 logger.info("%s: bACC %.4f", name, metrics["balanced_accuracy"])
                 _write(out, {**settings, "rows": rows})
                 if federated:  # every federation of this seed so far, per round on one axis
-                    done = curves.setdefault(name.removeprefix(method), {})
+                    done = curves.setdefault(suffix, {})
                     done[method] = out / name
-                    write_round_curves(done, [str(pred.class_names[i]) for i in rare],
-                                       out / f"rounds{name.removeprefix(method)}")
+                    write_round_curves(done, [str(pred.class_names[i]) for i in rare], out / f"rounds{suffix}")
     results = {**settings, "rows": rows, **paired_statistics(predictions, list(methods), list(seeds), reference,
                                                               rare, n_boot)}
     _write(out, results)

@@ -55,7 +55,11 @@ def round_curves(variants: dict[str, Path], rare_classes: list[str]) -> list[dic
 
 def write_round_curves(variants: dict[str, Path], rare_classes: list[str], prefix: str | Path) -> list[Path]:
     """``<prefix>-balanced-accuracy.png`` and ``<prefix>-rare-recall.png`` for ``variants`` (name -> run dir)."""
-    rows = round_curves(variants, rare_classes)
+    return plot_round_curves(round_curves(variants, rare_classes), rare_classes, prefix)
+
+
+def plot_round_curves(rows: list[dict[str, Any]], rare_classes: list[str], prefix: str | Path) -> list[Path]:
+    """The two figures of :func:`write_round_curves` from rows already read (:func:`round_curves`)."""
     rare = ", ".join(rare_classes)
     return [
         plot_lines_by_group(rows, "round", "bacc/", f"{prefix}-balanced-accuracy.png",
@@ -80,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in variants:
             parser.error(f"--variant {name!r} given twice")
         variants[name] = Path(folder)
-    paths = write_round_curves(variants, args.rare_classes, args.out)
     rows = round_curves(variants, args.rare_classes)
+    paths = plot_round_curves(rows, args.rare_classes, args.out)
     for name in variants:
         tested = [r for r in rows if r.get(f"bacc/{name}") is not None]
         if tested:

@@ -186,7 +186,7 @@ def simulate(
     live_root = new_live_root() if client_app is None and memory_state and state_memory_mode(cfg) == "node" else None
     client_app = client_app or make_client_app(cfg, state_root=run.resolve("client_state"), memory_state=memory_state,
                                                live_root=live_root)
-    if cfg.federation.state_persist_every > 1 and cfg.federation.num_clients > 16:
+    if memory_state and cfg.federation.num_clients > 16:
         logger.warning("federation.state_persist_every=%d keeps the state of all %d hospitals in memory (%s) between "
                        "persists (one optimizer state each, e.g. 89.5 MB for a ResNet-18 student); set it to 1 if "
                        "memory is short", cfg.federation.state_persist_every, cfg.federation.num_clients,
