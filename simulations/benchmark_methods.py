@@ -86,6 +86,10 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
     "fopro-kd-every4": ["train.method=fopro-kd", "train.loss=bsm", "akd.mode=discriminative", "akd.prompt_every=4"],
     # the control of every prompt result: the FoPro-KD code path with the prompt frozen at the identity
     "ekd+identity-fpg": ["train.method=fopro-kd", "train.loss=bsm", "akd.mode=off"],
+    # the same control on the two-stage path: the identity prompt is frozen from the start and its targets are cached
+    # once (train.feature_cache_dir shares them between seeds: the key holds the prompt, which never changes)
+    "fopro-2s-identity": ["train.method=fopro-kd", "train.loss=bsm", "akd.mode=off", "prompt.schedule=two_stage",
+                          "prompt.param=radial", "prompt.explore_epochs=0"],
     # cached teacher targets (needs augment.teacher_view flips or clean in the base config)
     "ekd-cached": ["train.method=ekd", "train.loss=bsm", "train.cache_teacher_features=true"],
     # the probe's frequency preference as a fixed prompt: radial rings from `fopro-kd probe`, never trained, targets
