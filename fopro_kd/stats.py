@@ -44,6 +44,8 @@ from scipy import stats as scipy_stats
 
 __all__ = [
     "DEFAULT_BOOTSTRAP",
+    "LAST_PREDICTIONS_FILE",
+    "MODEL_CHOICES",
     "PREDICTIONS_FILE",
     "Predictions",
     "align_predictions",
@@ -61,7 +63,12 @@ __all__ = [
 ]
 
 PREDICTIONS_FILE = "predictions_test.npz"
-"""Name of the test-prediction file in a run directory."""
+"""Name of the test-prediction file in a run directory: the model selected on the validation split."""
+LAST_PREDICTIONS_FILE = "predictions_test_last.npz"
+"""The same for the model of the last epoch (single site) or round (federated): a fixed budget with no
+selection, whose noise on a 15-image-per-class validation split is several points per run (docs/results.md)."""
+MODEL_CHOICES = {"selected": PREDICTIONS_FILE, "last": LAST_PREDICTIONS_FILE}
+"""``--model`` of the comparison tools: which of a run's two prediction files is compared."""
 DEFAULT_BOOTSTRAP = 2000
 """Bootstrap resamples: the Monte-Carlo error of a 95% percentile bound at B = 2000 is ~0.1 point here."""
 
@@ -115,13 +122,17 @@ def save_predictions(
     return path
 
 
-def load_predictions(path: str | Path) -> Predictions:
-    """Read a file written by :func:`save_predictions` (a run directory is accepted too)."""
+def load_predictions(path: str | Path, model: str = "selected") -> Predictions:
+    """Read a file written by :func:`save_predictions`; for a run directory, ``model`` picks the file
+    (:data:`MODEL_CHOICES`: the validation-selected model or the last epoch's / round's)."""
+    if model not in MODEL_CHOICES:
+        raise ValueError(f"model {model!r}: choose from {sorted(MODEL_CHOICES)}")
     path = Path(path)
     if path.is_dir():
-        path = path / PREDICTIONS_FILE
+        path = path / MODEL_CHOICES[model]
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no test predictions (runs write {PREDICTIONS_FILE} after the final test)")
+        raise FileNotFoundError(f"{path}: no test predictions (runs write {PREDICTIONS_FILE} after the final test, "
+                                f"and {LAST_PREDICTIONS_FILE} for the last epoch or round since stop 15)")
     with np.load(path, allow_pickle=False) as data:
         return Predictions(data["ids"], data["labels"], data["probs"], [str(c) for c in data["class_names"]])
 

@@ -24,7 +24,7 @@ from fopro_kd.round_schedule import evaluates_round
 from fopro_kd.run_dir import RunDir
 from fopro_kd.run_plan import resolve_run_plan
 from fopro_kd.seeding import select_device
-from fopro_kd.stats import PREDICTIONS_FILE
+from fopro_kd.stats import LAST_PREDICTIONS_FILE, PREDICTIONS_FILE
 from fopro_kd.training.single_site import (
     evaluate_and_save_predictions,
     evaluate_student,
@@ -110,6 +110,11 @@ class ServerEvaluator:
         test = None
         if self.cfg.federation.test_every_round:
             test = evaluate_student(self.student, self.splits.test, self.train_counts, self.cfg, self.device)
+        if server_round == self.cfg.federation.num_rounds:
+            # the last round's model, for comparisons at a fixed budget without the selection (--model last);
+            # a federation that ended early (a spent privacy budget) has no last round and no such file
+            evaluate_and_save_predictions(self.student, self.splits.test, self.train_counts, self.cfg, self.device,
+                                          self.run.resolve(LAST_PREDICTIONS_FILE))
         eval_seconds = time.perf_counter() - started
         row = self._row(server_round, val, test, entry, eval_seconds, started)
         self.run.append_history(row)

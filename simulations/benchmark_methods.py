@@ -57,6 +57,7 @@ from fopro_kd.seeding import FOLD_SEED_STRIDE, fold_run_seed  # noqa: E402
 from fopro_kd.data import build_splits  # noqa: E402
 from fopro_kd.stats import (  # noqa: E402
     DEFAULT_BOOTSTRAP,
+    LAST_PREDICTIONS_FILE,
     PREDICTIONS_FILE,
     Predictions,
     align_predictions,
@@ -289,6 +290,7 @@ def run_benchmark(
     logger = logging.getLogger("fopro_kd")
     rows: list[dict[str, Any]] = []
     predictions: dict[tuple[str, int], list[Predictions]] = {}
+    last_predictions: dict[tuple[str, int], list[Predictions]] = {}  # the last epoch's / round's models
     curves: dict[str, dict[str, Path]] = {}  # federated: "-seed<s>[-fold<f>]" -> {variant: run dir}
     for fold in fold_list:
         # one split per fold, shared by every seed and single-site variant (it depends on split.seed only;
@@ -308,6 +310,8 @@ def run_benchmark(
                                        skip_finished)
                 pred = load_predictions(out / name)
                 predictions.setdefault((method, seed), []).append(pred)
+                if (out / name / LAST_PREDICTIONS_FILE).is_file():
+                    last_predictions.setdefault((method, seed), []).append(load_predictions(out / name, "last"))
                 rows.append({
                     "method": method, "seed": seed, "fold": fold, "run_seed": run_seed(seed, fold),
                     "balanced_accuracy": metrics["balanced_accuracy"], "few_shot": metrics["few_shot"],
@@ -325,6 +329,9 @@ def run_benchmark(
                     write_round_curves(done, [str(pred.class_names[i]) for i in rare], out / f"rounds{suffix}")
     results = {**settings, "rows": rows, **paired_statistics(predictions, list(methods), list(seeds), reference,
                                                               rare, n_boot)}
+    if sum(len(p) for p in last_predictions.values()) == len(rows):  # every run has its last model's predictions
+        results["last_model"] = paired_statistics(last_predictions, list(methods), list(seeds), reference, rare,
+                                                  n_boot)
     _write(out, results)
     return results
 
@@ -513,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark_methods: {exc}", file=sys.stderr)
         return 2
     print(format_table(results))
+    if "last_model" in results:
+        print("\nlast epoch / round (no model selection):")
+        print(format_table({**results, **results["last_model"]}))
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from fopro_kd.stats import DEFAULT_BOOTSTRAP, load_predictions, mean_recall
+from fopro_kd.stats import DEFAULT_BOOTSTRAP, MODEL_CHOICES, balanced_accuracy, load_predictions, mean_recall
 from simulations.benchmark_methods import format_table, paired_statistics, resolve_rare_classes
 
 
@@ -50,8 +50,13 @@ def compare_runs(
     reference: str | None = None,
     rare_classes: list[str] | None = None,
     n_boot: int = DEFAULT_BOOTSTRAP,
+    model: str = "selected",
 ) -> dict[str, Any]:
-    """Summary and paired blocks (as ``benchmark_methods``'s ``results.json``) for finished runs."""
+    """Summary and paired blocks (as ``benchmark_methods``'s ``results.json``) for finished runs.
+
+    ``model``: ``selected`` compares the models chosen on the validation split, ``last`` the last epoch's
+    or round's (a fixed budget: no selection noise, :data:`fopro_kd.stats.MODEL_CHOICES`).
+    """
     if len(variants) < 2:
         raise ValueError("compare_runs needs at least two --variant (a reference and one to compare)")
     methods = list(variants)
@@ -73,7 +78,7 @@ def compare_runs(
     predictions = {}
     for m, dirs in variants.items():
         for s, d in zip(seeds, dirs):
-            predictions[(m, s)] = [load_predictions(d)]
+            predictions[(m, s)] = [load_predictions(d, model)]
     run_metrics = {d: json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
                    for dirs in variants.values() for d in dirs}
     anchor_dir = variants[reference][0]
@@ -90,7 +95,7 @@ def compare_runs(
             pred, done = predictions[(m, s)][0], run_metrics[d]
             rows.append({
                 "method": m, "seed": s, "run": str(d),
-                "balanced_accuracy": done.get("balanced_accuracy"),
+                "balanced_accuracy": balanced_accuracy(pred.labels, pred.predicted),
                 "rare_recall": mean_recall(pred.labels, pred.predicted, rare),
                 "seconds_per_epoch": done.get("mean_epoch_seconds", done.get("mean_round_seconds")),
             })
@@ -99,7 +104,7 @@ def compare_runs(
     except ValueError as exc:
         raise ValueError(f"{exc} (runs: {[str(d) for dirs in variants.values() for d in dirs]})") from exc
     return {"reference": reference, "seeds": seeds, "folds": None, "rare_classes": [class_names[c] for c in rare],
-            "n_boot": n_boot, "rows": rows, **stats}
+            "model": model, "n_boot": n_boot, "rows": rows, **stats}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default=None, help="variant the others are compared with (default: the first)")
     parser.add_argument("--rare-classes", nargs="+", default=None, help="class names (default: 3 rarest in training)")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples")
+    parser.add_argument("--model", choices=sorted(MODEL_CHOICES), default="selected",
+                        help="compare the validation-selected models (default) or the last epoch's / round's")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     try:
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in variants:
                 raise ValueError(f"--variant {name!r} given twice")
             variants[name] = dirs
-        results = compare_runs(variants, args.reference, args.rare_classes, args.bootstrap)
+        results = compare_runs(variants, args.reference, args.rare_classes, args.bootstrap, args.model)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -68,6 +68,14 @@ def test_tiny_single_site_benchmark_writes_results(tmp_path: Path, monkeypatch) 
         var = saved["summary"]["bsm"][metric]["per_seed"]
         assert pair["per_seed"] == pytest.approx([v - r for v, r in zip(var, ref)])
     assert (tmp_path / "out" / "bsm-seed1" / "predictions_test.npz").is_file()
+    # the same statistics for the last epoch's models (no selection): each run's own last-epoch test score
+    last_epoch = {(r["method"], r["seed"]): json.loads(
+        (tmp_path / "out" / f"{r['method']}-seed{r['seed']}" / "metrics.json").read_text())["last_epoch"]
+        for r in rows}
+    for variant in ("bsm", "ce"):
+        assert saved["last_model"]["summary"][variant]["balanced_accuracy"]["per_seed"] == pytest.approx(
+            [last_epoch[(variant, s)]["balanced_accuracy"] for s in (0, 1)])
+    assert set(saved["last_model"]["paired"]) == {"bsm"}
     table = format_table(saved)
     assert "bsm" in table and "(reference)" in table and table.count("\n") == 3
 

@@ -48,6 +48,26 @@ def test_compare_runs_equals_the_bootstrap_on_the_same_predictions(runs) -> None
     assert [r["method"] for r in out["rows"]] == ["ref"] * 3 + ["new"] * 3
 
 
+def test_compare_runs_of_the_last_models_reads_their_own_predictions(runs) -> None:
+    """``model="last"`` compares ``predictions_test_last.npz`` (here: the selected models swapped between
+    variants, so the difference changes sign); a run without that file is one error naming it."""
+    labels, dirs, preds = runs
+    for m, other in (("ref", "new"), ("new", "ref")):
+        for s, d in enumerate(dirs[m]):
+            save_predictions(d / "predictions_test_last.npz", [f"img{i}" for i in range(len(labels))], labels,
+                             np.eye(3, dtype=np.float32)[preds[other][s]], CLASSES)
+    selected = compare_runs(dirs, reference="ref", n_boot=200)
+    last = compare_runs(dirs, reference="ref", n_boot=200, model="last")
+    assert last["model"] == "last" and selected["model"] == "selected"
+    diff = selected["paired"]["new"]["balanced_accuracy"]["mean_diff"]
+    assert diff > 0.1 and last["paired"]["new"]["balanced_accuracy"]["mean_diff"] == pytest.approx(-diff)
+    assert [r["balanced_accuracy"] for r in last["rows"][:3]] == pytest.approx(
+        [r["balanced_accuracy"] for r in selected["rows"][3:]])
+    (dirs["new"][2] / "predictions_test_last.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="new-s2/predictions_test_last.npz"):
+        compare_runs(dirs, reference="ref", model="last")
+
+
 def test_compare_runs_refuses_unpaired_or_mismatched_runs(runs, tmp_path: Path) -> None:
     labels, dirs, preds = runs
     swapped = {"ref": dirs["ref"], "new": [dirs["new"][1], dirs["new"][0], dirs["new"][2]]}

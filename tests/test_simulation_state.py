@@ -212,6 +212,22 @@ def test_evaluate_every_and_test_only_for_the_selected_model(tmp_path: Path) -> 
     assert (tmp_path / "run" / "predictions_test.npz").is_file()
 
 
+def test_last_round_predictions_are_the_last_global_model(tmp_path: Path) -> None:
+    """``predictions_test_last.npz`` (comparisons at a fixed budget, ``--model last``) holds the last round's
+    global model: its balanced accuracy is that round's test figure in ``history.csv``, not the selected one's."""
+    from fopro_kd.stats import balanced_accuracy, load_predictions
+
+    cfg = tiny(num_rounds=2, test_every_round=True)
+    metrics, _ = federate(cfg, tmp_path / "run", tmp_path / "state", memory_state=True)
+    assert metrics is not None
+    last = load_predictions(tmp_path / "run", "last")
+    rows = {int(r["round"]): r for r in history(tmp_path / "run")}
+    assert balanced_accuracy(last.labels, last.predicted) == pytest.approx(float(rows[2]["test_balanced_accuracy"]))
+    selected = load_predictions(tmp_path / "run")
+    assert balanced_accuracy(selected.labels, selected.predicted) == pytest.approx(
+        float(rows[metrics["best_round"]]["test_balanced_accuracy"]))
+
+
 class CountingGrid(LocalGrid):
     """Counts the messages of each type the server sends (train / evaluate) per call."""
 

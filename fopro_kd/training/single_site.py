@@ -25,7 +25,7 @@ from fopro_kd.models.student import EKDStudent
 from fopro_kd.plots import plot_history, plot_per_class_recall, plot_prompt_mask
 from fopro_kd.run_dir import RunDir
 from fopro_kd.seeding import configure_threads, seed_everything, select_device
-from fopro_kd.stats import PREDICTIONS_FILE, save_predictions
+from fopro_kd.stats import LAST_PREDICTIONS_FILE, PREDICTIONS_FILE, save_predictions
 from fopro_kd.training.components import build_configured_student, build_models, shared_teacher
 from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.prompt import FourierPrompt, mask_statistics, prompt_input
@@ -197,8 +197,10 @@ def train_single_site(
                 epochs_done=epoch + 1, student=student.state_dict(), trainer=trainer.state_dict(), best=best,
                 history=run.history, torch_rng=torch.get_rng_state()))
     # the last epoch's test score too: model selection on a small validation split is itself an
-    # ablation (docs/results.md); the selected checkpoint stays the reported one
-    last_epoch = evaluate_student(student, splits.test, train_counts, cfg, device)
+    # ablation (docs/results.md); the selected checkpoint stays the reported one. Its predictions are kept
+    # so that runs can also be compared at a fixed budget, without the selection's noise (--model last)
+    last_epoch = evaluate_and_save_predictions(student, splits.test, train_counts, cfg, device,
+                                               run.resolve(LAST_PREDICTIONS_FILE))
     student.load_state_dict(best["state"])
     if prompt is not None and best["prompt"] is not None:
         prompt.load_state_dict(best["prompt"])
