@@ -130,6 +130,9 @@ class TeacherFeatureCache:
         self.view_set = view_set
         check_cache_size(len(data), view_set, teacher.feature_dim, dtype, max_gb)
         features = torch.zeros(VIEW_COUNTS[view_set], len(data), teacher.feature_dim, dtype=_DTYPES[dtype])
+        # the one teacher pass of a run (minutes on CPU for HAM10000): said before, so a log does not look stuck
+        logger.info("teacher features: computing %d images x %d view(s)%s", len(data), features.shape[0],
+                    "" if prompt is None else " through the frozen prompt")
         for start in range(0, len(data), batch_size):
             x = to_float_on(data.images[start : start + batch_size], device)
             for view in range(features.shape[0]):
