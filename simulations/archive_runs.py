@@ -9,7 +9,10 @@ probabilities: no pixels), ``metrics.json``, ``config.yaml`` and ``history.csv``
     python -m simulations.archive_runs runs/ham-s15/*/*-seed? --to docs/results-data/ham-s15
 
 The archived directories are run directories for those tools (same file names), so a table's
-command works on them unchanged. Checkpoints, reports and plots stay behind.
+command works on them unchanged, and ``benchmark_methods --skip-finished`` with ``--out`` on an
+archive folder (or a copy of it) reuses them as finished runs when their config is the one it
+would run, so a queue (a 5-fold protocol, more seeds) can grow over several sessions.
+Checkpoints, reports and plots stay behind.
 """
 
 from __future__ import annotations

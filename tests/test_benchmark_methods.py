@@ -93,6 +93,13 @@ def test_tiny_single_site_benchmark_writes_results(tmp_path: Path, monkeypatch) 
     again = run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "out", ["bsm", "ce"], [0, 1], [],
                           reference="ce", rare_classes=["class_2"], n_boot=200, skip_finished=True)
     assert calls == [] and again["paired"] == saved["paired"]
+    # ... also from the committed archive of those runs (a fresh checkout has no runs/): nothing retrained
+    from simulations.archive_runs import archive_runs
+
+    archive_runs([tmp_path / "out" / f"{m}-seed{s}" for m in ("bsm", "ce") for s in (0, 1)], tmp_path / "archived")
+    restored = run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "archived", ["bsm", "ce"], [0, 1], [],
+                             reference="ce", rare_classes=["class_2"], n_boot=200, skip_finished=True)
+    assert calls == [] and restored["paired"] == saved["paired"] and restored["last_model"] == saved["last_model"]
     # ... and a run whose config would differ (another lr) is trained again, not reused
     changed = run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "out", ["bsm", "ce"], [0], ["train.lr=0.001"],
                             reference="ce", rare_classes=["class_2"], n_boot=50, skip_finished=True)
