@@ -132,7 +132,7 @@ def load_predictions(path: str | Path, model: str = "selected") -> Predictions:
         path = path / MODEL_CHOICES[model]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no test predictions (runs write {PREDICTIONS_FILE} after the final test, "
-                                f"and {LAST_PREDICTIONS_FILE} for the last epoch or round since stop 15)")
+                                f"and {LAST_PREDICTIONS_FILE} for the last epoch or round; older runs have only the first)")
     with np.load(path, allow_pickle=False) as data:
         return Predictions(data["ids"], data["labels"], data["probs"], [str(c) for c in data["class_names"]])
 
