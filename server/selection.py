@@ -108,13 +108,14 @@ class ServerEvaluator:
         self.student.load_state_dict(arrays.to_torch_state_dict())
         val = evaluate_student(self.student, self.splits.val, self.train_counts, self.cfg, self.device)
         test = None
-        if self.cfg.federation.test_every_round:
-            test = evaluate_student(self.student, self.splits.test, self.train_counts, self.cfg, self.device)
         if server_round == self.cfg.federation.num_rounds:
             # the last round's model, for comparisons at a fixed budget without the selection (--model last);
             # a federation that ended early (a spent privacy budget) has no last round and no such file
-            evaluate_and_save_predictions(self.student, self.splits.test, self.train_counts, self.cfg, self.device,
-                                          self.run.resolve(LAST_PREDICTIONS_FILE))
+            last = evaluate_and_save_predictions(self.student, self.splits.test, self.train_counts, self.cfg,
+                                                 self.device, self.run.resolve(LAST_PREDICTIONS_FILE))
+            test = last if self.cfg.federation.test_every_round else None
+        elif self.cfg.federation.test_every_round:
+            test = evaluate_student(self.student, self.splits.test, self.train_counts, self.cfg, self.device)
         eval_seconds = time.perf_counter() - started
         row = self._row(server_round, val, test, entry, eval_seconds, started)
         self.run.append_history(row)
