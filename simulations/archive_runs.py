@@ -28,7 +28,7 @@ from fopro_kd.stats import LAST_PREDICTIONS_FILE, PREDICTIONS_FILE
 REQUIRED = (PREDICTIONS_FILE, "metrics.json", "config.yaml")
 """What every archived run has: a run without them is not finished (or not a run)."""
 OPTIONAL = (LAST_PREDICTIONS_FILE, "history.csv")
-"""Copied when present (runs before stop 15 have no last-model predictions)."""
+"""Copied when present (older runs have no last-model predictions)."""
 
 
 def archive_runs(runs: Sequence[Path], to: Path) -> list[Path]:
