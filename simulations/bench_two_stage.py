@@ -15,6 +15,12 @@ which the cache is exact):
 Step times are medians of interleaved calls; the one-time costs of the two-stage schedule (the
 cache build per image and view, reported per HAM10000 training set of 9.6k images) are measured
 once. Target (issue "Evidence that can rank methods"): two-stage epoch / BSM epoch <= 1.2.
+
+The teacher's memory layout: the one-time teacher passes (the cache build, and the exploration
+stage's backward through the teacher to the prompt) dominate a two-stage run's wall time on
+CPU, so the same weights are timed in channels-last layout (what :class:`FrozenTeacher` uses)
+and in the plain layout, interleaved: a no-grad feature pass and a pass with the input gradient,
+with the largest feature difference between the two layouts.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 import torch
 
 from fopro_kd.config import Config, config_from_dict
+from fopro_kd.models.teacher import FrozenTeacher
 from fopro_kd.training.components import build_models
 from fopro_kd.training.trainer import LocalTrainer
 from simulations.bench_common import format_table, measure_interleaved, paired_ratio, sync, target
@@ -66,6 +73,41 @@ def variant_config(variant: str, image_size: int, student_size: int, teacher_siz
 
 
 VARIANTS = ("bsm", "fopro-kd two-stage (cached)", "ekd (online)", "fopro-kd joint (online)")
+LAYOUTS = ("channels_last", "contiguous")
+
+
+def layout_section(teacher: FrozenTeacher, batch: int, warmup: int, repeats: int,
+                   device: torch.device) -> dict[str, Any]:
+    """Images/s of the teacher's no-grad and input-gradient passes in both memory layouts, same weights."""
+    import copy
+
+    teachers = {
+        "channels_last": teacher,
+        "contiguous": FrozenTeacher(copy.deepcopy(teacher.model), input_size=teacher.input_size,
+                                    mean=teacher.mean.flatten().tolist(), std=teacher.std.flatten().tolist(),
+                                    channels_last=False).to(device),
+    }
+    x = torch.rand(batch, 3, teacher.input_size, teacher.input_size, generator=torch.Generator().manual_seed(5))
+    x = x.to(device)
+
+    def no_grad(t: FrozenTeacher) -> None:
+        with torch.no_grad():
+            t(x)
+
+    def input_grad(t: FrozenTeacher) -> None:
+        xi = x.clone().requires_grad_(True)
+        t(xi).sum().backward()
+
+    candidates = {f"{name} {kind}": (lambda t=t, f=f: f(t)) for name, t in teachers.items()
+                  for kind, f in (("no-grad", no_grad), ("input-grad", input_grad))}
+    timed = measure_interleaved(candidates, warmup, repeats, device)
+    with torch.no_grad():
+        diff = float((teachers["channels_last"](x) - teachers["contiguous"](x)).abs().max())
+    rows = [{"pass": kind, **{f"{name}_images_s": batch / timed[f"{name} {kind}"]["median_s"] for name in LAYOUTS},
+             "speedup": paired_ratio(timed, f"contiguous {kind}", f"channels_last {kind}"),
+             "speedup_cpu": paired_ratio(timed, f"contiguous {kind}", f"channels_last {kind}", cpu=True)}
+            for kind in ("no-grad", "input-grad")]
+    return {"rows": rows, "max_abs_feature_diff": diff, "batch": batch}
 
 
 def run(opts: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +156,7 @@ def run(opts: dict[str, Any]) -> dict[str, Any]:
     peak_load = max(load_start, (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0))
     use_cpu = device.type == "cpu" and peak_load > (os.cpu_count() or 1)
     sfx = "_cpu" if use_cpu else ""
+    layout = layout_section(teacher, batch * 2, warmup, repeats, device)
     two = next(r for r in rows if r["variant"].startswith("fopro-kd two-stage"))
     joint = next(r for r in rows if r["variant"].startswith("fopro-kd joint"))
     return {
@@ -125,6 +168,7 @@ def run(opts: dict[str, Any]) -> dict[str, Any]:
         "cache_build_s_per_image_view": per_image_view,
         "cache_build_s_ham": per_image_view * HAM_TRAIN_IMAGES * 4,
         "cache_bytes_ham_float32": HAM_TRAIN_IMAGES * 4 * 1280 * 4,
+        "teacher_layout": layout,
         "targets_basis": "process CPU time (under load)" if use_cpu else "wall clock",
         "targets": [
             target("two-stage FoPro-KD distillation epoch / BSM epoch", two["vs_bsm" + sfx], 1.2, "<=", "x",
@@ -140,5 +184,9 @@ def render(result: dict[str, Any]) -> str:
         format_table(result["rows"], ["variant", "images_s", "epoch_s_ham", "vs_bsm", "vs_bsm_cpu"]), "",
         f"one-time cost of the cache: {result['cache_build_s_per_image_view'] * 1e3:.2f} ms per image and view "
         f"= {result['cache_build_s_ham']:.0f} s for HAM10000's training set x 4 flip views "
-        f"({result['cache_bytes_ham_float32'] / 1e6:.0f} MB float32, half in float16)",
+        f"({result['cache_bytes_ham_float32'] / 1e6:.0f} MB float32, half in float16)", "",
+        f"teacher memory layout (same weights, batch {result['teacher_layout']['batch']}; speedup = plain time / "
+        f"channels-last time; largest feature difference {result['teacher_layout']['max_abs_feature_diff']:.1e}):",
+        format_table(result["teacher_layout"]["rows"],
+                     ["pass", "channels_last_images_s", "contiguous_images_s", "speedup", "speedup_cpu"]),
     ])

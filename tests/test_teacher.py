@@ -199,6 +199,30 @@ def test_frozen_teacher_wraps_plain_timm_model() -> None:
     assert teacher.feature_dim == 1024 and teacher.input_size == 224 and teacher.arch == "mobilenetv3_small_050"
 
 
+def test_channels_last_teacher_computes_the_same_features_and_input_gradients() -> None:
+    """The teacher runs in channels-last layout (its fast CPU path): same features and prompt gradients as the
+    plain layout, up to float rounding, with TF-style 'same' padding too (the shipped MobileNetV2 build)."""
+    import copy
+
+    torch.manual_seed(0)
+    fast = FrozenTeacher(timm.create_model("mobilenetv2_050", num_classes=0, pad_type="same"), input_size=64)
+    plain = FrozenTeacher(copy.deepcopy(fast.model), input_size=64, channels_last=False)
+    assert fast.memory_format == torch.channels_last and plain.memory_format == torch.contiguous_format
+    conv = next(m for m in fast.model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    x = torch.rand(3, 3, 48, 48)
+    grads = []
+    for teacher in (fast, plain):
+        xi = x.clone().requires_grad_(True)
+        out = teacher(xi)
+        (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+        grads.append((out.detach(), xi.grad))
+    (f_fast, g_fast), (f_plain, g_plain) = grads
+    assert torch.allclose(f_fast, f_plain, rtol=1e-4, atol=1e-5)
+    assert g_plain.abs().max() > 0
+    assert (g_fast - g_plain).abs().max() <= 1e-4 * g_plain.abs().max()
+
+
 def test_real_mobilenetv2_teacher(mobilenet_weights: Path) -> None:
     cfg = TeacherConfig(
         arch="mobilenetv2_100", source="file", file=str(mobilenet_weights),

@@ -270,3 +270,32 @@ def test_the_store_runs_the_teacher_only_on_images_it_lacks(data, teacher, tmp_p
     make_trainer(cfg, data, teacher, None).enable_feature_cache(data)  # the union is stored: nothing to compute
     assert built == [len(data) - 16]
     feature_cache.clear_feature_caches()
+
+
+def test_a_store_is_not_shared_between_teacher_builds(data, teacher, tmp_path, monkeypatch) -> None:
+    """A store is exact for one teacher build: the same weights in another memory layout, or built with other
+    ``teacher.model_kwargs`` (padding changes features), compute their own targets instead of reading it."""
+    import dataclasses
+
+    import fopro_kd.training.feature_cache as feature_cache
+    from fopro_kd.models.teacher import FrozenTeacher
+
+    cfg = cfg_of(train={"method": "ekd", "cache_teacher_features": True,
+                        "feature_cache_dir": str(tmp_path / "features")})
+    feature_cache.clear_feature_caches()
+    make_trainer(cfg, data, teacher, None).enable_feature_cache(data)
+    built = count_teacher_passes(monkeypatch)
+    plain = FrozenTeacher(copy.deepcopy(teacher.model), input_size=SIZE, weights_desc=teacher.weights_desc,
+                          channels_last=False)
+    feature_cache.clear_feature_caches()
+    make_trainer(cfg, data, plain, None).enable_feature_cache(data)
+    assert built == [len(data)], "another memory layout: own store"
+    other = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, model_kwargs={"drop_rate": 0.0}))
+    feature_cache.clear_feature_caches()
+    make_trainer(other, data, teacher, None).enable_feature_cache(data)
+    assert built == [len(data), len(data)], "other teacher.model_kwargs: own store"
+    feature_cache.clear_feature_caches()
+    make_trainer(cfg, data, teacher, None).enable_feature_cache(data)
+    assert built == [len(data), len(data)], "the first build's store is still read"
+    assert len(list((tmp_path / "features").glob("teacher-store-*.pt"))) == 3
+    feature_cache.clear_feature_caches()
