@@ -972,6 +972,31 @@ _PATH_FIELDS = (
 )
 
 
+CACHE_LOCATION_FIELDS = (("data", "cache_dir"), ("train", "feature_cache_dir"))
+"""Where exact caches live (decoded images, teacher features): not part of what an experiment is."""
+
+
+def experiment_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """A config dict (``Config.to_dict()``) reduced to what decides a run's result.
+
+    Two runs are the same experiment when these agree: file paths are compared resolved (a
+    snapshot written with ``../shared/...`` and one with the absolute path name the same file),
+    and the cache locations of :data:`CACHE_LOCATION_FIELDS` are left out (a cache holds exactly
+    what would be recomputed, wherever it lives). Used to reuse finished runs, also from an
+    archive made on another checkout, without reusing a run made with other settings.
+    """
+    out = {section: dict(body) if isinstance(body, dict) else body for section, body in values.items()}
+    for section, name in _PATH_FIELDS:
+        body = out.get(section)
+        if not isinstance(body, dict) or name not in body:
+            continue
+        if (section, name) in CACHE_LOCATION_FIELDS:
+            del body[name]
+        elif body[name]:
+            body[name] = str(Path(body[name]).expanduser().resolve())
+    return out
+
+
 def _resolve_relative_paths(cfg: Config, base: Path) -> None:
     """Paths in a config file are relative to the repository root when they exist there, else to the file.
 

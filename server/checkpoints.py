@@ -38,7 +38,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fopro_kd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fopro_kd.config import Config
+from fopro_kd.config import Config, experiment_settings
 from fopro_kd.run_dir import RunDir
 
 logger = logging.getLogger("fopro_kd.federation")
@@ -72,8 +72,12 @@ class ResumeError(CheckpointError):
 
 
 def config_hash(cfg: Config) -> str:
-    """SHA-256 of the full resolved config (canonical JSON): a resumed run must use the identical config."""
-    text = json.dumps(cfg.to_dict(), sort_keys=True, default=str, separators=(",", ":"))
+    """SHA-256 of the resolved config (canonical JSON): a resumed run must be the identical experiment.
+
+    Over :func:`fopro_kd.config.experiment_settings`: paths compared resolved, cache locations
+    left out, so moving a feature cache does not orphan a federation's checkpoints.
+    """
+    text = json.dumps(experiment_settings(cfg.to_dict()), sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

@@ -52,7 +52,7 @@ default_offline_hub()
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from fopro_kd.config import ConfigError, config_from_dict, load_config  # noqa: E402
+from fopro_kd.config import ConfigError, config_from_dict, experiment_settings, load_config  # noqa: E402
 from fopro_kd.seeding import FOLD_SEED_STRIDE, fold_run_seed  # noqa: E402
 from fopro_kd.data import build_splits  # noqa: E402
 from fopro_kd.stats import (  # noqa: E402
@@ -187,7 +187,8 @@ def finished_run_metrics(cfg_dict: dict[str, Any], out: Path) -> dict[str, Any] 
 
 
 def _same_config(cfg_dict: dict[str, Any], out: Path) -> bool:
-    """Whether ``out/config.yaml``, read back as a config (newer fields at their defaults), equals ``cfg_dict``."""
+    """Whether ``out/config.yaml``, read back as a config (newer fields at their defaults), is the experiment of
+    ``cfg_dict`` (:func:`fopro_kd.config.experiment_settings`: same settings and files, caches anywhere)."""
     config_file = out / "config.yaml"
     if not config_file.is_file():
         return False
@@ -195,7 +196,7 @@ def _same_config(cfg_dict: dict[str, Any], out: Path) -> bool:
         saved = config_from_dict(yaml.safe_load(config_file.read_text()) or {}, str(config_file)).to_dict()
     except ConfigError:
         return False
-    return saved == config_from_dict(cfg_dict).to_dict()
+    return experiment_settings(saved) == experiment_settings(config_from_dict(cfg_dict).to_dict())
 
 
 def resumable_federation(cfg_dict: dict[str, Any], out: Path) -> bool:

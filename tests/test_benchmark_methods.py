@@ -100,6 +100,11 @@ def test_tiny_single_site_benchmark_writes_results(tmp_path: Path, monkeypatch) 
     restored = run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "archived", ["bsm", "ce"], [0, 1], [],
                              reference="ce", rare_classes=["class_2"], n_boot=200, skip_finished=True)
     assert calls == [] and restored["paired"] == saved["paired"] and restored["last_model"] == saved["last_model"]
+    # ... also where the feature cache lives elsewhere (a cache location is not a setting of the experiment)
+    moved = run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "archived", ["bsm", "ce"], [0, 1],
+                          [f"train.feature_cache_dir={tmp_path / 'elsewhere'}"], reference="ce",
+                          rare_classes=["class_2"], n_boot=200, skip_finished=True)
+    assert calls == [] and moved["paired"] == saved["paired"]
     # ... and a run whose config would differ (another lr) is trained again, not reused
     changed = run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "out", ["bsm", "ce"], [0], ["train.lr=0.001"],
                             reference="ce", rare_classes=["class_2"], n_boot=50, skip_finished=True)

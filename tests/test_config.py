@@ -133,3 +133,22 @@ def test_old_teacher_sees_augmented_key_is_read_as_teacher_view() -> None:
     assert config_from_dict({"augment": {"teacher_sees_augmented": True}}).augment.teacher_view == "augmented"
     with pytest.raises(ConfigError, match="old name"):
         config_from_dict({"augment": {"teacher_sees_augmented": True, "teacher_view": "flips"}})
+
+
+def test_experiment_settings_compare_files_not_spellings_and_ignore_cache_locations(tmp_path, monkeypatch) -> None:
+    """Reusing a finished run: the same file named relatively or absolutely is the same experiment, a moved cache
+    too; another data file is not."""
+    from fopro_kd.config import experiment_settings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    relative = config_from_dict({"data": {"root": "data", "cache_dir": "c1"}, "train": {"feature_cache_dir": "f1"}})
+    absolute = config_from_dict({"data": {"root": str(tmp_path / "data"), "cache_dir": "/elsewhere"},
+                                 "train": {"feature_cache_dir": None}})
+    other = config_from_dict({"data": {"root": str(tmp_path / "other")}})
+    values = relative.to_dict()
+    assert experiment_settings(values) == experiment_settings(absolute.to_dict())
+    assert experiment_settings(values) != experiment_settings(other.to_dict())
+    assert values["data"]["root"] == "data" and values["train"]["feature_cache_dir"] == "f1"  # input not changed
+    lr = config_from_dict({"data": {"root": "data"}, "train": {"lr": 0.5}})
+    assert experiment_settings(lr.to_dict()) != experiment_settings(absolute.to_dict())

@@ -6,8 +6,8 @@ stopped at epoch 6 of 8 should not start over. After every epoch the run directo
 trainer's state (optimizer moments, prompt and its optimizer, probe, the augmentation
 generator, epochs done, the prompt objective's draw stream), the best-so-far selection, the
 history rows, torch's global random state and the config. ``fopro-kd train --resume`` (and
-``benchmark_methods --skip-finished``) continues from it; a config that differs in any value
-is refused naming the file. The file is removed once the run has written its metrics (a
+``benchmark_methods --skip-finished``) continues from it; a config that differs in any setting
+(not in where its caches live) is refused naming the file. The file is removed once the run has written its metrics (a
 finished run is not resumable, it is done). Teacher features are not stored: the cache comes
 back from ``train.feature_cache_dir`` or is recomputed, and it is a function of the frozen
 prompt, so the targets are the same.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fopro_kd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fopro_kd.config import Config
+from fopro_kd.config import Config, experiment_settings
 from fopro_kd.run_dir import RunDir
 
 __all__ = ["RESUME_FILE", "ResumeState", "drop_resume_state", "load_resume_state", "save_resume_state"]
@@ -33,7 +33,8 @@ RESUME_FORMAT = "fopro-kd-single-site-resume/1"
 
 
 def _config_text(cfg: Config) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    """The experiment ``cfg`` describes (:func:`~fopro_kd.config.experiment_settings`), as canonical text."""
+    return json.dumps(experiment_settings(cfg.to_dict()), sort_keys=True, default=str)
 
 
 @dataclass
