@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# HAM10000 single site, the prompt table of docs/results.md: the identity-prompt control and FoPro-KD
+# two-stage with each objective x {free, radial}, 3 seeds each, on the split of configs/ham10000-lt.yaml.
+#
+# Grows over sessions: runs already archived in ARCHIVE (default docs/results-data/ham-s15) are copied
+# into OUT first and reused by --skip-finished (a run is reused only when its config snapshot is the
+# experiment it would run: the same settings and files, caches anywhere); every run that finishes is
+# archived there (~22 kB, no pixels), so commit ARCHIVE after a session. Variants run in the order below,
+# one at a time; a stopped run continues after its last complete epoch. Cost on 2 CPU cores: the control
+# ~13 min a seed once its teacher features are stored (the first seed adds one 4-view teacher pass,
+# ~8-11 min), a prompt variant ~20-25 min a seed (exploration epoch, its own 4-view cache, 7 cached epochs).
+#
+# Usage: simulations/queues/ham10000_prompt_table.sh [OUT] [ARCHIVE] [VARIANT ...]
+#   (default runs/ham-prompt-table, docs/results-data/ham-s15, every variant below; needs ../shared)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${1:-runs/ham-prompt-table}"
+ARCHIVE="${2:-docs/results-data/ham-s15}"
+shift 2 || shift $# || true
+VARIANTS=("$@")
+if [ ${#VARIANTS[@]} -eq 0 ]; then
+  VARIANTS=(fopro-2s-identity fopro-2s-free-discriminative fopro-2s-radial-bn_stats fopro-2s-free-bn_stats
+            fopro-2s-radial-prototype fopro-2s-radial-minmax fopro-2s-free-prototype fopro-2s-free-minmax
+            fopro-2s-radial-discriminative ekd-cached)
+fi
+export HF_HUB_OFFLINE=1
+for variant in "${VARIANTS[@]}"; do
+  mkdir -p "$OUT/$variant"
+  for seed in 0 1 2; do
+    run="$variant-seed$seed"
+    if [ -d "$ARCHIVE/$run" ] && [ ! -e "$OUT/$variant/$run" ]; then cp -r "$ARCHIVE/$run" "$OUT/$variant/"; fi
+  done
+  python -m simulations.benchmark_methods --config configs/ham10000-lt.yaml --out "$OUT/$variant" --skip-finished \
+    --methods "$variant" --seeds 0 1 2 --rare-classes df vasc akiec --set train.feature_cache_dir=runs/feature-cache
+  for seed in 0 1 2; do
+    run="$variant-seed$seed"
+    if [ ! -e "$ARCHIVE/$run" ]; then python -m simulations.archive_runs "$OUT/$variant/$run" --to "$ARCHIVE"; fi
+  done
+done
