@@ -195,7 +195,17 @@ class FrozenTeacher(nn.Module):
 
     def features(self, x_normalised: Tensor) -> Tensor:
         """Pooled pre-logits features (B, feature_dim) of an already resized and normalised batch."""
-        return self.model(x_normalised.contiguous(memory_format=self.memory_format))
+        return self.model(self._in_layout(x_normalised))
+
+    def _in_layout(self, x: Tensor) -> Tensor:
+        """``x`` in the teacher's memory layout; unchanged inside ``torch.func.vmap`` (prompt DP's per-sample
+        gradients), which cannot re-lay a tensor out in channels-last: there the convolutions pick their own."""
+        if self.memory_format == torch.contiguous_format:
+            return x
+        try:
+            return x.contiguous(memory_format=self.memory_format)
+        except RuntimeError:
+            return x
 
     def forward(self, x01: Tensor) -> Tensor:
         """Features of a [0, 1] batch: ``features(normalize(resize(x01)))``."""
