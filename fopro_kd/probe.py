@@ -171,7 +171,8 @@ def ncm_balanced_accuracy(
 def _probe_teacher(cfg: Config) -> FrozenTeacher:
     """The configured teacher, built as fopro_kd/training/components.py builds it (any ``train.method``)."""
     demo_file = str(demo_teacher_path(cfg)) if cfg.teacher.source == "demo" else None
-    teacher = build_teacher(planned_teacher(cfg), demo_file=demo_file)  # the input size training uses
+    # the input size training uses; features only (no BatchNorm hooks), so folded as the fast path
+    teacher = build_teacher(planned_teacher(cfg), demo_file=demo_file, fold_batchnorm=True)
     logger.info("teacher %s loaded: %s (feature dim %d)", teacher.arch, teacher.weights_desc, teacher.feature_dim)
     return teacher
 

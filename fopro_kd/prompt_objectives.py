@@ -211,6 +211,9 @@ class BNStatsObjective(nn.Module):
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__()
+        if getattr(ctx.teacher, "batchnorm_folded", False):
+            raise ValueError("akd.mode 'bn_stats' reads the teacher's BatchNorm layers, but this teacher has them "
+                             "folded into its convolutions: build it with fold_batchnorm=False (shared_teacher does)")
         norms = [m for m in ctx.teacher.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
         if not norms:
             raise ValueError("akd.mode 'bn_stats' needs a teacher with BatchNorm layers (running statistics)")

@@ -50,6 +50,10 @@ METHODS: dict[str, MethodTraits] = {
 tests/test_run_plan.py checks that the two agree)."""
 
 
+OBJECTIVES_READING_BATCHNORM = frozenset({"bn_stats"})
+"""``akd.mode`` objectives that hook the teacher's BatchNorm layers, so its BatchNorms must not be folded."""
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """What a validated config resolves to; read these fields instead of comparing config strings.
@@ -71,6 +75,10 @@ class RunPlan:
     ``privacy.mode: local`` with ``privacy.prompt: frozen`` the DP context still turns it off when
     training starts (:class:`fopro_kd.privacy.local_dp.DPContext`); the reply's metric keys follow
     this field, so every site of a federation reports the same columns."""
+    teacher_folds_batchnorm: bool
+    """The shared teacher is built with its BatchNorms folded into its convolutions (same features up to
+    float rounding, a faster forward and input gradient: fopro_kd/models/batchnorm_folding.py); false only
+    for the objective that reads the teacher's BatchNorm layers (``akd.mode: bn_stats``)."""
     student_input_size: int
     """Side of the student's square input (:func:`student_input_size`)."""
     teacher_input_size: int | None
@@ -122,6 +130,7 @@ def resolve_run_plan(cfg: Config) -> RunPlan:
         uses_prompt=traits.uses_prompt,
         classification_loss=traits.forced_loss or cfg.train.loss,
         akd_mode=cfg.akd.mode if traits.uses_prompt else "off",
+        teacher_folds_batchnorm=not (traits.uses_prompt and cfg.akd.mode in OBJECTIVES_READING_BATCHNORM),
         student_input_size=student_input_size(cfg),
         teacher_input_size=teacher_input_size(cfg),
         privacy_mode=mode,

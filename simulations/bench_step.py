@@ -35,6 +35,7 @@ import torch
 from fopro_kd.config import Config, config_from_dict
 from fopro_kd.data.dataset import ImageSet
 from fopro_kd.models.teacher import build_teacher
+from fopro_kd.run_plan import resolve_run_plan
 from fopro_kd.training.components import build_models
 from fopro_kd.training.trainer import LocalTrainer
 from simulations.bench_common import format_table, measure_interleaved, paired_ratio, sync, target
@@ -89,10 +90,11 @@ def random_imageset(n: int, size: int, seed: int = 0) -> ImageSet:
 
 
 def _teacher_for(cfg: Config, cache: dict):
-    key = (cfg.teacher.arch, cfg.teacher.input_size)
+    fold = resolve_run_plan(cfg).teacher_folds_batchnorm  # as training builds it
+    key = (cfg.teacher.arch, cfg.teacher.input_size, fold)
     if key not in cache:
         torch.manual_seed(0)
-        cache[key] = build_teacher(cfg.teacher)
+        cache[key] = build_teacher(cfg.teacher, fold_batchnorm=fold)
     return cache[key]
 
 

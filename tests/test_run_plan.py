@@ -65,6 +65,13 @@ def test_akd_mode_is_off_unless_fopro_kd(method: str, akd: str) -> None:
     assert resolve_run_plan(_cfg(method, akd=akd)).akd_mode == (akd if method == "fopro-kd" else "off")
 
 
+@pytest.mark.parametrize("akd", AKD_MODES)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_teacher_keeps_its_batchnorms_only_for_the_objective_that_reads_them(method: str, akd: str) -> None:
+    folds = resolve_run_plan(_cfg(method, akd=akd)).teacher_folds_batchnorm
+    assert folds == (not (method == "fopro-kd" and akd == "bn_stats"))
+
+
 def test_plan_is_frozen_and_refuses_unknown_method() -> None:
     plan = resolve_run_plan(_cfg("ekd"))
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -76,7 +83,7 @@ def test_plan_is_frozen_and_refuses_unknown_method() -> None:
 def test_demo_config_plan() -> None:
     plan = resolve_run_plan(load_config(REPO_ROOT / "configs" / "demo.yaml"))
     assert plan == RunPlan(method="fopro-kd", uses_teacher=True, uses_prompt=True, classification_loss="bsm",
-                           akd_mode="discriminative", student_input_size=48, teacher_input_size=48,
+                           akd_mode="discriminative", teacher_folds_batchnorm=True, student_input_size=48, teacher_input_size=48,
                            privacy_mode="off", local_dp=False, central_dp=False, any_dp=False)
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fopro_kd.config import TeacherConfig
+from fopro_kd.models.batchnorm_folding import fold_batchnorms
 from fopro_kd.models.weights import (
     TeacherLoadError,
     check_state_dict_compatible,
@@ -130,6 +131,11 @@ class FrozenTeacher(nn.Module):
         images/s of a no-grad feature pass, 1.35x of a pass with the prompt's input gradient). The
         features are the same function up to float rounding (tested); a feature store records the
         layout, so a cached target is always the one this teacher computes.
+    fold_batchnorm
+        Fold the eval-mode BatchNorms into their convolutions (:mod:`fopro_kd.models.batchnorm_folding`):
+        the same features up to float rounding, one activation pass fewer per BatchNorm. Off here
+        (a teacher as timm builds it); :func:`fopro_kd.training.components.shared_teacher` turns it on
+        unless the prompt's objective reads the BatchNorm layers (``akd.mode: bn_stats``).
 
     Notes
     -----
@@ -155,6 +161,7 @@ class FrozenTeacher(nn.Module):
         std: Sequence[float] | None = None,
         weights_desc: str = "unknown",
         channels_last: bool = True,
+        fold_batchnorm: bool = False,
     ) -> None:
         super().__init__()
         cfg = dict(getattr(model, "pretrained_cfg", None) or {})
@@ -176,6 +183,18 @@ class FrozenTeacher(nn.Module):
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.train(False)
+        self.batchnorm_folded = False
+        if fold_batchnorm:
+            # a fixed probe batch (own generator: building a teacher must not move the run's RNG)
+            probe = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+            self.model, folded = fold_batchnorms(self.model, probe.contiguous(memory_format=self.memory_format))
+            self.batchnorm_folded = folded > 0
+
+    @property
+    def numerics(self) -> str:
+        """How the features are computed beyond the weights (layout, folding): part of a feature-cache key,
+        since each changes the features at float-rounding level."""
+        return str(self.memory_format) + (" batchnorm-folded" if self.batchnorm_folded else "")
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         """Ignore ``mode``: the teacher stays in eval mode (frozen BatchNorm statistics, no dropout)."""
@@ -218,7 +237,7 @@ class FrozenTeacher(nn.Module):
         )
 
 
-def build_teacher(cfg: TeacherConfig, demo_file: str | None = None) -> FrozenTeacher:
+def build_teacher(cfg: TeacherConfig, demo_file: str | None = None, fold_batchnorm: bool = False) -> FrozenTeacher:
     """Build the frozen teacher described by ``cfg`` (see :class:`~fopro_kd.config.TeacherConfig`).
 
     Parameters
@@ -229,6 +248,8 @@ def build_teacher(cfg: TeacherConfig, demo_file: str | None = None) -> FrozenTea
         (random weights, tests only).
     demo_file
         Path of the built-in demo teacher checkpoint, used when ``cfg.source == "demo"``.
+    fold_batchnorm
+        See :class:`FrozenTeacher`.
 
     Raises
     ------
@@ -264,4 +285,5 @@ def build_teacher(cfg: TeacherConfig, demo_file: str | None = None) -> FrozenTea
         raise TeacherLoadError(f"'teacher.source' must be one of hub, file, demo, none; got {cfg.source!r}")
     return FrozenTeacher(
         model, arch=cfg.arch, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std, weights_desc=desc,
+        fold_batchnorm=fold_batchnorm,
     )

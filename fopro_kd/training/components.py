@@ -43,8 +43,9 @@ def planned_teacher(cfg: Config) -> TeacherConfig:
     return dataclasses.replace(cfg.teacher, input_size=size)
 
 
-def _teacher_key(t: TeacherConfig) -> tuple:
-    return (t.arch, t.source, t.file, t.input_size, t.mean, t.std, tuple(sorted(t.model_kwargs.items())))
+def _teacher_key(t: TeacherConfig, fold_batchnorm: bool) -> tuple:
+    return (t.arch, t.source, t.file, t.input_size, t.mean, t.std, tuple(sorted(t.model_kwargs.items())),
+            fold_batchnorm)
 
 
 def shared_teacher(cfg: Config) -> FrozenTeacher | None:
@@ -52,12 +53,13 @@ def shared_teacher(cfg: Config) -> FrozenTeacher | None:
     if not uses_teacher(cfg):
         return None
     planned = planned_teacher(cfg)
-    key = _teacher_key(planned)
+    fold = resolve_run_plan(cfg).teacher_folds_batchnorm
+    key = _teacher_key(planned, fold)
     with _LOCK:
         teacher = _TEACHERS.get(key)
         if teacher is None:
             demo_file = str(demo_teacher_path(cfg)) if cfg.teacher.source == "demo" else None
-            teacher = build_teacher(planned, demo_file=demo_file)
+            teacher = build_teacher(planned, demo_file=demo_file, fold_batchnorm=fold)
             logger.info("teacher %s loaded: %s (feature dim %d)", teacher.arch, teacher.weights_desc, teacher.feature_dim)
             _TEACHERS[key] = teacher
         return teacher

@@ -212,9 +212,10 @@ class LocalTrainer:
                          self.cfg.train.max_cache_gb)  # also on a memo hit: the bound is this run's
         t = self.cfg.teacher
         # everything a target depends on besides the image and the weights (named in the store's file name):
-        # the teacher's build (its padding kwargs change features) and its memory layout (float rounding)
+        # the teacher's build (its padding kwargs change features) and its numerics (layout, BatchNorm
+        # folding: float rounding)
         teacher_settings = (t.arch, t.source, t.file, t.input_size, t.mean, t.std,
-                            tuple(sorted(t.model_kwargs.items())), str(self.teacher.memory_format))
+                            tuple(sorted(t.model_kwargs.items())), self.teacher.numerics)
         settings = (teacher_settings, self.prompt, view_set, self.cfg.prompt.domain, self.cfg.train.cache_dtype,
                     str(self.device), pre_size)
         key = cache_key(settings[0], settings[1], data, *settings[2:])
