@@ -113,7 +113,7 @@ def test_shared_demo_teacher_gets_the_planned_size(monkeypatch: pytest.MonkeyPat
     class _Teacher:
         arch, weights_desc, feature_dim = "x", "fake", 8
 
-    def fake_build(tcfg, demo_file=None):
+    def fake_build(tcfg, demo_file=None, fold_batchnorm=False):
         seen.append(tcfg.input_size)
         return _Teacher()
 
