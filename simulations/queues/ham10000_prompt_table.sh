@@ -12,6 +12,7 @@
 #
 # Usage: simulations/queues/ham10000_prompt_table.sh [OUT] [ARCHIVE] [VARIANT ...]
 #   (default runs/ham-prompt-table, docs/results-data/ham-s15, every variant below; needs ../shared)
+#   EXTRA_OVERRIDES="--set key=value ..." adds settings to every run (ham10000_teacher224.sh uses it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${1:-runs/ham-prompt-table}"
@@ -34,7 +35,7 @@ for variant in "${VARIANTS[@]}"; do
     # one seed at a time, archived as soon as it finishes, so a stopped session loses at most one run
     run="$variant-seed$seed"
     python -m simulations.benchmark_methods --config configs/ham10000-lt.yaml --out "$OUT/$variant" --skip-finished \
-      --methods "$variant" --seeds "$seed" --rare-classes df vasc akiec --set train.feature_cache_dir=runs/feature-cache
+      --methods "$variant" --seeds "$seed" --rare-classes df vasc akiec --set train.feature_cache_dir=runs/feature-cache ${EXTRA_OVERRIDES:-}
     if [ ! -e "$ARCHIVE/$run" ]; then python -m simulations.archive_runs "$OUT/$variant/$run" --to "$ARCHIVE"; fi
   done
 done
