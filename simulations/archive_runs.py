@@ -11,7 +11,9 @@ probabilities: no pixels), ``metrics.json``, ``config.yaml`` and ``history.csv``
 The archived directories are run directories for those tools (same file names), so a table's
 command works on them unchanged, and ``benchmark_methods --skip-finished`` with ``--out`` on an
 archive folder (or a copy of it) reuses them as finished runs when their config is the one it
-would run, so a queue (a 5-fold protocol, more seeds) can grow over several sessions.
+would run, so a queue (a 5-fold protocol, more seeds) can grow over several sessions;
+``benchmark_methods --archive DIR`` does both per run (:func:`restore_archived_run` before a run's
+turn, :func:`archive_runs` the moment it finishes).
 Checkpoints, reports and plots stay behind.
 """
 
@@ -58,6 +60,20 @@ def archive_runs(runs: Sequence[Path], to: Path) -> list[Path]:
                 shutil.copyfile(run / name, target / name)
         written.append(target)
     return written
+
+
+def restore_archived_run(archive: Path, run_dir: Path) -> bool:
+    """Copy ``archive / run_dir.name`` to ``run_dir`` when the archive has that run and ``run_dir`` does not exist.
+
+    Why: a fresh checkout has no ``runs/``; a queue that restores its archived runs before their turn lets
+    ``--skip-finished`` reuse them (or retrain them where the config differs) instead of losing the
+    sessions that ran them. Returns whether anything was copied; an existing ``run_dir`` is never touched.
+    """
+    source = Path(archive) / run_dir.name
+    if run_dir.exists() or not source.is_dir():
+        return False
+    shutil.copytree(source, run_dir)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,7 @@ from fopro_kd.stats import (  # noqa: E402
     rarest_classes,
 )
 from fopro_kd.training.single_site import train_single_site  # noqa: E402
+from simulations.archive_runs import archive_runs, restore_archived_run  # noqa: E402
 from simulations.plot_rounds import write_round_curves  # noqa: E402
 
 METRICS = ("balanced_accuracy", "rare_recall")
@@ -252,11 +253,17 @@ def run_benchmark(
     rare_classes: Sequence[str] | None = None,
     n_boot: int = DEFAULT_BOOTSTRAP,
     skip_finished: bool = False,
+    archive: Path | None = None,
 ) -> dict[str, Any]:
     """Run every variant x seed (x fold), then the per-variant summary and the paired statistics.
 
     ``skip_finished``: a run directory that already holds a finished run with exactly the
     config it would get is reused instead of retrained (:func:`finished_run_metrics`).
+
+    ``archive`` (single site, with ``skip_finished``): a folder of committed runs
+    (:mod:`simulations.archive_runs`) that the queue grows run by run: a run archived there is copied
+    into ``out`` before its turn (and reused when its config is the one it would get), and every run
+    is archived as soon as it finishes, so a session stopped mid-queue loses at most the run in progress.
 
     Returns the content of ``results.json`` (``rows``, ``summary``, ``paired`` and the settings).
     Bad arguments, configs and rare-class names raise ``ValueError`` / ``ConfigError`` before
@@ -264,6 +271,9 @@ def run_benchmark(
     """
     out = Path(out)
     variants = check_arguments(methods, seeds, reference, folds, federated)
+    if archive is not None and (federated or not skip_finished):
+        raise ValueError("--archive needs --skip-finished (archived runs are reused as finished runs) and a "
+                         "single-site queue (a federation's run directory is not archived)")
     if n_boot < 1:
         raise ValueError(f"--bootstrap must be >= 1 resamples, got {n_boot}")
     reference = reference or methods[0]
@@ -306,9 +316,13 @@ def run_benchmark(
                 suffix = f"-seed{seed}" + ("" if fold is None else f"-fold{fold}")
                 name = method + suffix
                 seed_override = [f"seed={run_seed(seed, fold)}"]
+                if archive is not None:
+                    restore_archived_run(Path(archive), out / name)
                 metrics = _run_variant(config, overrides + fold_overrides(fold) + seed_override + extra,
                                        out / name, None if method in own_data else splits, federated,
                                        skip_finished)
+                if archive is not None:
+                    archive_runs([out / name], Path(archive))
                 pred = load_predictions(out / name)
                 predictions.setdefault((method, seed), []).append(pred)
                 if (out / name / LAST_PREDICTIONS_FILE).is_file():
@@ -510,13 +524,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--federated", action="store_true", help="variants are STRATEGY+METHOD simulations")
     parser.add_argument("--skip-finished", action="store_true",
                         help="reuse runs already finished in --out with the same config (resume a stopped queue)")
+    parser.add_argument("--archive", type=Path,
+                        help="with --skip-finished: reuse the runs archived in this folder and archive each run "
+                        "as soon as it finishes (a queue that grows over sessions)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         results = run_benchmark(args.config, Path(args.out), args.methods, args.seeds, args.overrides,
                                 args.federated, reference=args.reference, folds=args.folds,
                                 rare_classes=args.rare_classes, n_boot=args.bootstrap,
-                                skip_finished=args.skip_finished)
+                                skip_finished=args.skip_finished, archive=args.archive)
     except ValueError as exc:  # ConfigError included: bad input, reported before training
         print(f"benchmark_methods: {exc}", file=sys.stderr)
         return 2

@@ -111,6 +111,49 @@ def test_tiny_single_site_benchmark_writes_results(tmp_path: Path, monkeypatch) 
     assert len(calls) == 2 and len(changed["rows"]) == 2
 
 
+def test_archive_grows_run_by_run_and_a_fresh_out_reuses_it(tmp_path: Path, monkeypatch) -> None:
+    """--archive: each run is archived as soon as it finishes (a stop mid-queue keeps the finished ones), and a
+    queue on an empty --out (a fresh checkout) restores and reuses them instead of retraining."""
+    import fopro_kd.training.single_site as single_site
+    import simulations.benchmark_methods as benchmark_methods
+
+    for plot in ("plot_per_class_recall", "plot_history"):
+        monkeypatch.setattr(single_site, plot, lambda *args, **kwargs: None)
+    real_train = single_site.train_single_site
+    calls = []
+
+    def stop_at_second_run(cfg, out, **kwargs):
+        calls.append(Path(out).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("session stopped")
+        return real_train(cfg, out, **kwargs)
+
+    monkeypatch.setattr(benchmark_methods, "train_single_site", stop_at_second_run)
+    archive = tmp_path / "archive"
+    kwargs = {"reference": "ce", "rare_classes": ["class_2"], "n_boot": 50, "skip_finished": True,
+              "archive": archive}
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "out1", ["bsm", "ce"], [0], [], **kwargs)
+    assert calls == ["bsm-seed0", "ce-seed0"]
+    assert sorted(p.name for p in archive.iterdir()) == ["bsm-seed0"]  # archived before the stop
+    assert (archive / "bsm-seed0" / "predictions_test.npz").is_file()
+
+    calls.clear()
+    monkeypatch.setattr(benchmark_methods, "train_single_site", lambda cfg, out, **kw: (
+        calls.append(Path(out).name), real_train(cfg, out, **kw))[1])
+    results = run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "out2", ["bsm", "ce"], [0], [], **kwargs)
+    assert calls == ["ce-seed0"]  # the archived bsm run is reused, only the missing one trains
+    assert sorted(p.name for p in archive.iterdir()) == ["bsm-seed0", "ce-seed0"]
+    assert [r["method"] for r in results["rows"]] == ["bsm", "ce"]
+
+    calls.clear()
+    again = run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "out3", ["bsm", "ce"], [0], [], **kwargs)
+    assert calls == [] and again["paired"] == results["paired"]
+
+    with pytest.raises(ValueError, match="--archive needs --skip-finished"):
+        run_benchmark(str(_tiny_config(tmp_path)), tmp_path / "out4", ["bsm"], [0], [], archive=archive)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"reference": "ekd"}, "--reference 'ekd' is not one of the variants run"),
     ({"seeds": [0, 1, 0]}, "--seeds: seed\\(s\\) \\[0\\] repeat"),

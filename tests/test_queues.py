@@ -37,34 +37,31 @@ def test_every_queue_script_parses(script):
     subprocess.run(["bash", "-n", str(QUEUES / script)], check=True)
 
 
-def test_prompt_table_runs_one_seed_at_a_time_and_archives_each_at_once(tmp_path):
-    out, archive = tmp_path / "out", tmp_path / "archive"
-    calls = _record_calls(tmp_path, "ham10000_prompt_table.sh", str(out), str(archive), "fopro-2s-identity")
-    kinds = [("train" if "simulations.benchmark_methods" in c else "archive" if "simulations.archive_runs" in c
-              else "other") for c in calls]
-    assert kinds == ["train", "archive"] * 3
-    seeds = [c[c.index("--seeds") + 1:c.index("--seeds") + 2] for c in calls if "--seeds" in c]
-    assert seeds == [["0"], ["1"], ["2"]]
-    archived = [c[c.index("simulations.archive_runs") + 1] for c in calls if "simulations.archive_runs" in c]
-    assert archived == [str(out / "fopro-2s-identity" / f"fopro-2s-identity-seed{s}") for s in range(3)]
-    assert not any("teacher.input_size=224" in c for c in calls)
+def _train_calls(calls: list[list[str]]) -> list[str]:
+    return [" ".join(c) for c in calls if "simulations.benchmark_methods" in c]
 
 
-def test_prompt_table_skips_archiving_a_run_already_archived(tmp_path):
+def test_prompt_table_runs_each_variant_with_its_archive(tmp_path):
     out, archive = tmp_path / "out", tmp_path / "archive"
-    (archive / "fopro-2s-identity-seed1").mkdir(parents=True)
-    calls = _record_calls(tmp_path, "ham10000_prompt_table.sh", str(out), str(archive), "fopro-2s-identity")
-    archived = [c[c.index("simulations.archive_runs") + 1] for c in calls if "simulations.archive_runs" in c]
-    assert archived == [str(out / "fopro-2s-identity" / f"fopro-2s-identity-seed{s}") for s in (0, 2)]
-    # the archived run was copied into OUT so that --skip-finished can reuse it
-    assert (out / "fopro-2s-identity" / "fopro-2s-identity-seed1").is_dir()
+    calls = _record_calls(tmp_path, "ham10000_prompt_table.sh", str(out), str(archive), "fopro-2s-identity",
+                          "fopro-2s-radial-prototype")
+    train = _train_calls(calls)
+    assert len(train) == len(calls) == 2
+    for call, variant in zip(train, ("fopro-2s-identity", "fopro-2s-radial-prototype")):
+        assert f"--out {out / variant} --skip-finished --archive {archive} --methods {variant} --seeds 0 1 2" in call
+        assert "--config configs/ham10000-lt.yaml" in call and "224" not in call
 
 
 def test_teacher224_queue_sets_the_teacher_resolution_on_every_run(tmp_path):
-    calls = _record_calls(tmp_path, "ham10000_teacher224.sh", str(tmp_path / "out"), str(tmp_path / "archive"))
-    train = [" ".join(c) for c in calls if "simulations.benchmark_methods" in c]
-    assert len(train) == 3
-    for call in train:
-        assert "--set data.image_size=224 --set teacher.input_size=224" in call
-        assert "--methods fopro-2s-identity" in call
-        assert "--config configs/ham10000-lt.yaml" in call
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    train = _train_calls(_record_calls(tmp_path, "ham10000_teacher224.sh", str(out), str(archive)))
+    assert len(train) == 1
+    assert f"--archive {archive} --methods fopro-2s-identity --seeds 0 1 2" in train[0]
+    assert train[0].endswith("--set data.image_size=224 --set teacher.input_size=224")
+
+
+def test_5fold_queue_archives_every_fold_run(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    train = _train_calls(_record_calls(tmp_path, "ham10000_5fold.sh", str(out), str(archive)))
+    assert len(train) == 1
+    assert f"--out {out} --skip-finished --archive {archive}" in train[0] and "--folds 5" in train[0]

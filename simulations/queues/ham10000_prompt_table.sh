@@ -2,10 +2,10 @@
 # HAM10000 single site, the prompt table of docs/results.md: the identity-prompt control and FoPro-KD
 # two-stage with each objective x {free, radial}, 3 seeds each, on the split of configs/ham10000-lt.yaml.
 #
-# Grows over sessions: runs already archived in ARCHIVE (default docs/results-data/ham-s15) are copied
-# into OUT first and reused by --skip-finished (a run is reused only when its config snapshot is the
-# experiment it would run: the same settings and files, caches anywhere); every run is archived there
-# as soon as it finishes (~22 kB, no pixels), so commit ARCHIVE after a session. Variants run in the order below,
+# Grows over sessions (benchmark_methods --archive): a run already archived in ARCHIVE (default
+# docs/results-data/ham-s15) is copied into OUT before its turn and reused by --skip-finished (only when its
+# config snapshot is the experiment it would run: the same settings and files, caches anywhere); every run is
+# archived there as soon as it finishes (~22 kB, no pixels), so commit ARCHIVE after a session. Variants run in the order below,
 # one at a time; a stopped run continues after its last complete epoch. Cost on 2 CPU cores: the control
 # ~13 min a seed once its teacher features are stored (the first seed adds one 4-view teacher pass,
 # ~8-11 min), a prompt variant ~20-25 min a seed (exploration epoch, its own 4-view cache, 7 cached epochs).
@@ -26,16 +26,7 @@ if [ ${#VARIANTS[@]} -eq 0 ]; then
 fi
 export HF_HUB_OFFLINE=1
 for variant in "${VARIANTS[@]}"; do
-  mkdir -p "$OUT/$variant"
-  for seed in 0 1 2; do
-    run="$variant-seed$seed"
-    if [ -d "$ARCHIVE/$run" ] && [ ! -e "$OUT/$variant/$run" ]; then cp -r "$ARCHIVE/$run" "$OUT/$variant/"; fi
-  done
-  for seed in 0 1 2; do
-    # one seed at a time, archived as soon as it finishes, so a stopped session loses at most one run
-    run="$variant-seed$seed"
-    python -m simulations.benchmark_methods --config configs/ham10000-lt.yaml --out "$OUT/$variant" --skip-finished \
-      --methods "$variant" --seeds "$seed" --rare-classes df vasc akiec --set train.feature_cache_dir=runs/feature-cache ${EXTRA_OVERRIDES:-}
-    if [ ! -e "$ARCHIVE/$run" ]; then python -m simulations.archive_runs "$OUT/$variant/$run" --to "$ARCHIVE"; fi
-  done
+  python -m simulations.benchmark_methods --config configs/ham10000-lt.yaml --out "$OUT/$variant" --skip-finished \
+    --archive "$ARCHIVE" --methods "$variant" --seeds 0 1 2 --rare-classes df vasc akiec \
+    --set train.feature_cache_dir=runs/feature-cache ${EXTRA_OVERRIDES:-}
 done
