@@ -359,6 +359,7 @@ def paired_statistics(
     rare: list[int],
     n_boot: int = DEFAULT_BOOTSTRAP,
     bootstrap_seed: int = 0,
+    kfold: int | None = None,
 ) -> dict[str, Any]:
     """``summary`` and ``paired`` blocks from each (variant, seed)'s test predictions (folds pooled).
 
@@ -368,10 +369,16 @@ def paired_statistics(
     seeds-and-images interval from two seeds on, or with k folds the corrected resampled t
     interval over the per-fold differences (:func:`fopro_kd.stats.fold_t_interval`, also
     ``per_fold``); ``within_noise`` from the widest interval available (:func:`noise_verdict`).
+    ``kfold``: the K of the cross-validation the folds come from, for the interval's overlap
+    correction; default the number of folds given (a complete cross-validation). Fewer folds
+    than K (folds gathered while the rest still run) pool the images those folds tested.
     """
     folds = len(next(iter(predictions.values())))
     if any(len(parts) != folds for parts in predictions.values()):
         raise ValueError("every (variant, seed) needs the same number of folds")
+    kfold = folds if kfold is None else kfold
+    if kfold < folds:
+        raise ValueError(f"{folds} folds given for a {kfold}-fold cross-validation")
     pooled = {key: pool_predictions(parts) for key, parts in predictions.items()}
     anchor = pooled[(reference, seeds[0])]
     try:
@@ -402,7 +409,7 @@ def paired_statistics(
                                       n_boot=n_boot, seed=bootstrap_seed)
             if folds > 1:  # k-fold: the per-fold differences carry the training noise
                 per_fold = _per_fold_differences(predictions, m, reference, seeds, metric_fns[metric])
-                result = {**result, **fold_t_interval(per_fold, result["mean_diff"], folds), "per_fold": per_fold}
+                result = {**result, **fold_t_interval(per_fold, result["mean_diff"], kfold), "per_fold": per_fold}
             paired[m][metric] = {
                 **{k: result[k] for k in ("mean_diff", "ci95_low", "ci95_high", "per_seed", "seed_sd", "image_se",
                                           "ci95_total_low", "ci95_total_high")},
@@ -471,11 +478,15 @@ def format_table(results: dict[str, Any]) -> str:
     reference = results.get("reference", methods[0])
     rare = ",".join(results.get("rare_classes", []))
     pooled = f", {results['folds']}-fold pooled" if results.get("folds") else ""
+    done = results.get("folds_done")
+    if results.get("folds") and done is not None and len(done) < results["folds"]:
+        pooled = f", folds {','.join(map(str, done))} of {results['folds']} pooled (partial)"
+    interval = ("corrected fold t interval from 2 folds on, test images only with 1 fold" if results.get("folds")
+                else "seeds + test images from 2 seeds on, test images only with 1 seed")
     width = max([24] + [len(m) for m in methods])
     lines = [
         f"{len(results.get('seeds', []))} seed(s){pooled}, {results.get('n_test', '?')} test images; rare = {rare}; "
-        f"differences vs {reference!r} in points, paired 95% interval (seeds + test images from 2 seeds on, "
-        "test images only with 1 seed)",
+        f"differences vs {reference!r} in points, paired 95% interval ({interval})",
         f"{'variant':<{width}} {'bACC':>12} {'rare':>12} {'d bACC [95% CI]':>28} {'d rare [95% CI]':>28} "
         f"{'s/unit':>8} {'rel.time':>8}",
     ]

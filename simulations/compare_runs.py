@@ -14,6 +14,13 @@ The i-th directory of every variant is seed i's run: each must hold ``prediction
 and ``config.yaml``, the i-th runs of all variants must have the same ``seed`` (the pairing),
 and every run must be tested on the same images. Any of these failing is one error that
 names the directory.
+
+Folds of a k-fold cross-validation (runs with ``split.mode: kfold``, e.g. a
+``benchmark_methods --folds K`` queue's ``VARIANT-seedS-foldF`` folders) are grouped by their
+repeat and pooled, as ``benchmark_methods`` does: every variant must hold the same folds of
+the same repeats, in any order. Fewer folds than K are allowed, so a cross-validation that runs
+over several sessions can be read while its last folds still train: the pooled images are then
+the tested folds' only, and the table says "partial".
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fopro_kd.seeding import FOLD_SEED_STRIDE
 from fopro_kd.stats import DEFAULT_BOOTSTRAP, MODEL_CHOICES, balanced_accuracy, load_predictions, mean_recall
 from simulations.benchmark_methods import format_table, paired_statistics, resolve_rare_classes
 
@@ -38,11 +47,59 @@ def parse_variant(text: str) -> tuple[str, list[Path]]:
     return name, [Path(d) for d in dirs.split(",") if d]
 
 
-def _run_seed(run: Path) -> int:
+@dataclass(frozen=True)
+class RunIdentity:
+    """Where a finished run sits in a comparison: its repeat (seed) and, for k-fold runs, its fold."""
+
+    seed: int
+    fold: int | None = None
+    folds: int | None = None
+    split_seed: int | None = None
+
+
+def _run_identity(run: Path) -> RunIdentity:
+    """Read from ``run/config.yaml``: a k-fold run's repeat is its run seed // FOLD_SEED_STRIDE
+    (:func:`fopro_kd.seeding.fold_run_seed`)."""
     config = run / "config.yaml"
     if not config.is_file():
         raise ValueError(f"{run}: no config.yaml (not a run directory)")
-    return int(yaml.safe_load(config.read_text())["seed"])
+    cfg = yaml.safe_load(config.read_text())
+    split = cfg.get("split") or {}
+    if split.get("mode") != "kfold":
+        return RunIdentity(int(cfg["seed"]))
+    fold = int(split["fold"])
+    return RunIdentity(int(cfg["seed"]) // FOLD_SEED_STRIDE, fold, int(split["folds"]), split.get("seed"))
+
+
+def _group_folds(variants: dict[str, list[Path]], identity: dict[Path, RunIdentity],
+                 reference: str) -> tuple[dict[str, dict[int, list[Path]]], int, list[int]]:
+    """k-fold runs per variant as ``{repeat: [fold dirs in fold order]}``; the same folds of the same
+    repeats for every variant (the pairing), one run per fold, one split; returns (groups, K, folds done)."""
+    kinds = {(identity[d].folds, identity[d].split_seed) for dirs in variants.values() for d in dirs}
+    if len(kinds) != 1:
+        raise ValueError(f"the runs come from different k-fold splits (folds, split.seed): {sorted(kinds, key=str)}")
+    groups: dict[str, dict[int, list[Path]]] = {}
+    for m, dirs in variants.items():
+        by_key: dict[tuple[int, int], Path] = {}
+        for d in dirs:
+            key = (identity[d].seed, identity[d].fold)
+            if key in by_key:
+                raise ValueError(f"{d}: seed {key[0]} fold {key[1]} already given for {m!r} by {by_key[key]}")
+            by_key[key] = d
+        groups[m] = {}
+        for seed, fold in sorted(by_key):
+            groups[m].setdefault(seed, []).append(by_key[(seed, fold)])
+    layout = {m: sorted((identity[d].seed, identity[d].fold) for d in dirs) for m, dirs in variants.items()}
+    for m, keys in layout.items():
+        if keys != layout[reference]:
+            missing = sorted(set(layout[reference]) ^ set(keys))
+            raise ValueError(f"variant {m!r} and the reference {reference!r} do not hold the same (seed, fold) runs: "
+                             f"they differ in {missing}; the folds are not paired")
+    folds_done = sorted({f for _, f in layout[reference]})
+    per_seed = {s: sorted(f for s2, f in layout[reference] if s2 == s) for s, _ in layout[reference]}
+    if any(done != folds_done for done in per_seed.values()):
+        raise ValueError(f"every seed needs the same folds, got {per_seed}")
+    return groups, int(next(iter(kinds))[0]), folds_done
 
 
 def compare_runs(
@@ -65,20 +122,30 @@ def compare_runs(
         raise ValueError(f"--reference {reference!r} is not one of the variants {methods}")
     counts = {m: len(d) for m, d in variants.items()}
     if len(set(counts.values())) != 1:
-        raise ValueError(f"every variant needs the same number of runs (one per seed), got {counts}")
-    seeds_of = {m: [_run_seed(d) for d in dirs] for m, dirs in variants.items()}
-    seeds = seeds_of[reference]
-    for m, own in seeds_of.items():
-        for i, (s, r) in enumerate(zip(own, seeds)):
-            if s != r:
-                raise ValueError(f"{variants[m][i]}: seed {s}, but the reference's run {i} "
-                                 f"({variants[reference][i]}) has seed {r}: the runs are not paired")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds repeat within a variant: {seeds}")
-    predictions = {}
-    for m, dirs in variants.items():
-        for s, d in zip(seeds, dirs):
-            predictions[(m, s)] = [load_predictions(d, model)]
+        raise ValueError(f"every variant needs the same number of runs (one per seed, or per seed and fold), "
+                         f"got {counts}")
+    identity = {d: _run_identity(d) for dirs in variants.values() for d in dirs}
+    kfold_runs = {d for d, who in identity.items() if who.fold is not None}
+    if kfold_runs and len(kfold_runs) != len(identity):
+        raise ValueError(f"k-fold runs ({sorted(map(str, kfold_runs))[0]}, ...) mixed with runs on one split "
+                         f"({sorted(str(d) for d in identity if d not in kfold_runs)[0]}, ...): they cannot be paired")
+    kfold, folds_done = None, None
+    if kfold_runs:
+        groups, kfold, folds_done = _group_folds(variants, identity, reference)
+        seeds = sorted(groups[reference])
+        run_dirs = {(m, s): groups[m][s] for m in variants for s in seeds}
+    else:
+        seeds_of = {m: [identity[d].seed for d in dirs] for m, dirs in variants.items()}
+        seeds = seeds_of[reference]
+        for m, own in seeds_of.items():
+            for i, (s, r) in enumerate(zip(own, seeds)):
+                if s != r:
+                    raise ValueError(f"{variants[m][i]}: seed {s}, but the reference's run {i} "
+                                     f"({variants[reference][i]}) has seed {r}: the runs are not paired")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat within a variant: {seeds}")
+        run_dirs = {(m, s): [d] for m, dirs in variants.items() for s, d in zip(seeds, dirs)}
+    predictions = {key: [load_predictions(d, model) for d in dirs] for key, dirs in run_dirs.items()}
     run_metrics = {d: json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
                    for dirs in variants.values() for d in dirs}
     anchor_dir = variants[reference][0]
@@ -90,21 +157,22 @@ def compare_runs(
         raise ValueError(f"{anchor_dir}: metrics.json has no train_counts; name the rare classes (--rare-classes)")
     rare = resolve_rare_classes(rare_classes, class_names, train_counts)
     rows = []
-    for m, dirs in variants.items():
-        for s, d in zip(seeds, dirs):
-            pred, done = predictions[(m, s)][0], run_metrics[d]
-            rows.append({
-                "method": m, "seed": s, "run": str(d),
-                "balanced_accuracy": balanced_accuracy(pred.labels, pred.predicted),
-                "rare_recall": mean_recall(pred.labels, pred.predicted, rare),
-                "seconds_per_epoch": done.get("mean_epoch_seconds", done.get("mean_round_seconds")),
-            })
+    for m in methods:
+        for s in seeds:
+            for d, pred in zip(run_dirs[(m, s)], predictions[(m, s)]):
+                done = run_metrics[d]
+                rows.append({
+                    "method": m, "seed": s, "fold": identity[d].fold, "run": str(d),
+                    "balanced_accuracy": balanced_accuracy(pred.labels, pred.predicted),
+                    "rare_recall": mean_recall(pred.labels, pred.predicted, rare),
+                    "seconds_per_epoch": done.get("mean_epoch_seconds", done.get("mean_round_seconds")),
+                })
     try:
-        stats = paired_statistics(predictions, methods, seeds, reference, rare, n_boot)
+        stats = paired_statistics(predictions, methods, seeds, reference, rare, n_boot, kfold=kfold)
     except ValueError as exc:
         raise ValueError(f"{exc} (runs: {[str(d) for dirs in variants.values() for d in dirs]})") from exc
-    return {"reference": reference, "seeds": seeds, "folds": None, "rare_classes": [class_names[c] for c in rare],
-            "model": model, "n_boot": n_boot, "rows": rows, **stats}
+    return {"reference": reference, "seeds": seeds, "folds": kfold, "folds_done": folds_done,
+            "rare_classes": [class_names[c] for c in rare], "model": model, "n_boot": n_boot, "rows": rows, **stats}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from fopro_kd.stats import paired_bootstrap, save_predictions
+from fopro_kd.seeding import fold_run_seed
+from fopro_kd.stats import balanced_accuracy, fold_t_interval, paired_bootstrap, save_predictions
+from simulations.benchmark_methods import format_table
 from simulations.compare_runs import compare_runs, main
 
 CLASSES = ["a", "b", "c"]
@@ -93,3 +95,73 @@ def test_compare_runs_cli_prints_the_table_and_writes_json(runs, tmp_path: Path,
     assert json.loads(out.read_text())["rare_classes"] == ["c"]
     assert main(["--variant", "ref"]) == 2
     assert "expected NAME=DIR" in capsys.readouterr().err
+
+
+def _fold_run(root: Path, name: str, fold: int, folds: int, predicted: np.ndarray, labels: np.ndarray) -> Path:
+    """A finished k-fold run as ``benchmark_methods --folds`` writes it: fold ``fold`` of repeat 0."""
+    run = _run(root, name, fold_run_seed(0, fold), predicted, labels, ids=[f"f{fold}-img{i}" for i in range(len(labels))])
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["split"] = {"mode": "kfold", "folds": folds, "fold": fold, "seed": 0}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+@pytest.fixture()
+def fold_runs(tmp_path: Path) -> tuple[np.ndarray, dict[str, list[Path]], dict[str, list[np.ndarray]]]:
+    """Three folds of a 3-fold cross-validation, each fold testing its own 60 images."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), 20)
+    preds = {m: [np.where(rng.random(len(labels)) < acc, labels, (labels + 1) % 3) for _ in range(3)]
+             for m, acc in (("ref", 0.5), ("new", 0.75))}
+    dirs = {m: [_fold_run(tmp_path, f"{m}-seed0-fold{f}", f, 3, preds[m][f], labels) for f in range(3)]
+            for m in preds}
+    return labels, dirs, preds
+
+
+def test_compare_runs_pools_the_folds_and_reads_the_corrected_fold_interval(fold_runs) -> None:
+    """All folds: the pooled difference weighs every image once, the interval is the fold t interval
+    with K = 3; the directories' order does not matter (folds are found by their config)."""
+    labels, dirs, preds = fold_runs
+    shuffled = {"ref": dirs["ref"], "new": dirs["new"][::-1]}
+    out = compare_runs(shuffled, reference="ref", n_boot=200)
+    pair = out["paired"]["new"]["balanced_accuracy"]
+    per_fold = [balanced_accuracy(labels, preds["new"][f]) - balanced_accuracy(labels, preds["ref"][f])
+                for f in range(3)]
+    pooled = (balanced_accuracy(np.tile(labels, 3), np.concatenate(preds["new"]))
+              - balanced_accuracy(np.tile(labels, 3), np.concatenate(preds["ref"])))
+    assert out["n_test"] == 180 and out["folds"] == 3 and out["folds_done"] == [0, 1, 2] and out["seeds"] == [0]
+    assert pair["mean_diff"] == pytest.approx(pooled) and pooled > 0.1
+    assert pair["per_fold"] == pytest.approx(per_fold) and pair["interval"] == "folds"
+    expected = fold_t_interval(per_fold, pooled, 3)
+    assert pair["ci95_total_low"] == pytest.approx(expected["ci95_total_low"])
+    assert pair["ci95_total_high"] == pytest.approx(expected["ci95_total_high"])
+    assert [r["fold"] for r in out["rows"]] == [0, 1, 2, 0, 1, 2]
+
+
+def test_compare_runs_of_a_partial_cross_validation_keeps_its_k(fold_runs, capsys) -> None:
+    """Two of three folds: only their 120 images are pooled, and the interval's overlap correction
+    is still the 3-fold one (wider than if the two folds were a complete 2-fold split)."""
+    labels, dirs, preds = fold_runs
+    out = compare_runs({m: d[:2] for m, d in dirs.items()}, reference="ref", n_boot=200)
+    pair = out["paired"]["new"]["balanced_accuracy"]
+    per_fold = [balanced_accuracy(labels, preds["new"][f]) - balanced_accuracy(labels, preds["ref"][f])
+                for f in range(2)]
+    as_three = fold_t_interval(per_fold, pair["mean_diff"], 3)
+    as_two = fold_t_interval(per_fold, pair["mean_diff"], 2)
+    assert out["n_test"] == 120 and out["folds"] == 3 and out["folds_done"] == [0, 1]
+    assert pair["ci95_total_low"] == pytest.approx(as_three["ci95_total_low"])
+    assert as_two["ci95_total_low"] < as_three["ci95_total_low"]  # the 2-fold correction (1/(k-1) = 1) is wider
+    assert "folds 0,1 of 3 pooled (partial)" in format_table(out)
+    one = compare_runs({m: d[:1] for m, d in dirs.items()}, reference="ref", n_boot=200)
+    assert one["paired"]["new"]["balanced_accuracy"]["interval"] == "images" and one["n_test"] == 60
+
+
+def test_compare_runs_refuses_unpaired_folds(fold_runs, runs) -> None:
+    _, dirs, _ = fold_runs
+    with pytest.raises(ValueError, match=r"do not hold the same \(seed, fold\) runs: they differ in \[\(0, 1\), \(0, 2\)\]"):
+        compare_runs({"ref": dirs["ref"][:2], "new": [dirs["new"][0], dirs["new"][2]]}, reference="ref")
+    with pytest.raises(ValueError, match="seed 0 fold 0 already given for 'new'"):
+        compare_runs({"ref": dirs["ref"], "new": [dirs["new"][0], dirs["new"][0], dirs["new"][1]]})
+    _, single, _ = runs
+    with pytest.raises(ValueError, match="k-fold runs .* mixed with runs on one split"):
+        compare_runs({"ref": dirs["ref"][:1], "new": single["new"][:1]})
