@@ -261,5 +261,22 @@ def test_fold_t_interval_formula_and_kfold_paired_statistics() -> None:
     assert pair["per_fold"] == pytest.approx(expected)
     direct = fold_t_interval(expected, pair["mean_diff"], 4)
     assert pair["ci95_total_low"] == pytest.approx(direct["ci95_total_low"])
-    assert pair["within_noise"] == (pair["ci95_total_low"] <= 0 <= pair["ci95_total_high"])
+    assert pair["within_noise"] == (pair["ci95_total_low"] <= 0 <= pair["ci95_total_high"]
+                                    or pair["ci95_low"] <= 0 <= pair["ci95_high"])
     assert result["n_test"] == 120  # pooled: every image once
+
+
+def test_a_fold_interval_narrower_than_the_image_noise_does_not_resolve_a_difference() -> None:
+    """Two folds that happen to agree give a fold interval that excludes 0 while the test-image
+    bootstrap does not: not resolved. Both excluding 0 is resolved; the seeds interval is unchanged."""
+    from simulations.benchmark_methods import noise_verdict
+
+    lucky = {"ci95_low": -0.032, "ci95_high": 0.005, "ci95_total_low": -0.019, "ci95_total_high": -0.009,
+             "per_fold": [-0.014, -0.014]}
+    assert noise_verdict(lucky) == {"within_noise": True, "within_image_noise": True, "interval": "folds"}
+    resolved = {**lucky, "ci95_high": -0.002}
+    assert noise_verdict(resolved)["within_noise"] is False
+    wide = {**resolved, "ci95_total_high": 0.01}
+    assert noise_verdict(wide)["within_noise"] is True
+    seeds = {k: v for k, v in lucky.items() if k != "per_fold"}
+    assert noise_verdict(seeds) == {"within_noise": False, "within_image_noise": True, "interval": "seeds+images"}
