@@ -7,8 +7,8 @@
 # equals the one it would get), and every finished run is archived at once in ARCHIVE (--archive, ~22 kB a
 # run, no pixels: commit it), from where a fresh checkout restores it. Teacher features
 # are kept per image in runs/feature-cache (train.feature_cache_dir): after the first folds have
-# passed over the data, later EKD folds (and resumed runs) run no teacher. Cost on 2 CPU cores: BSM ~12 min, EKD ~25 min (half of it the 4-view
-# teacher cache), FoPro-KD ~35 min per fold: ~6 h for the 15 runs.
+# passed over the data, later EKD folds (and resumed runs) run no teacher. Cost on 2 CPU cores: BSM 7-12 min, EKD 8-25 min
+# (the first fold's 4-view teacher pass), FoPro-KD 12-35 min per fold: 2.5 h (quiet machine, stop 20) to ~6 h for the 15 runs.
 #
 # Usage: simulations/queues/ham10000_5fold.sh [OUT] [ARCHIVE]
 #   (default runs/ham-5fold, docs/results-data/ham-5fold; needs ../shared)
