@@ -79,6 +79,7 @@ def _group_folds(variants: dict[str, list[Path]], identity: dict[Path, RunIdenti
     if len(kinds) != 1:
         raise ValueError(f"the runs come from different k-fold splits (folds, split.seed): {sorted(kinds, key=str)}")
     groups: dict[str, dict[int, list[Path]]] = {}
+    layout: dict[str, list[tuple[int, int]]] = {}
     for m, dirs in variants.items():
         by_key: dict[tuple[int, int], Path] = {}
         for d in dirs:
@@ -86,10 +87,10 @@ def _group_folds(variants: dict[str, list[Path]], identity: dict[Path, RunIdenti
             if key in by_key:
                 raise ValueError(f"{d}: seed {key[0]} fold {key[1]} already given for {m!r} by {by_key[key]}")
             by_key[key] = d
+        layout[m] = sorted(by_key)
         groups[m] = {}
-        for seed, fold in sorted(by_key):
-            groups[m].setdefault(seed, []).append(by_key[(seed, fold)])
-    layout = {m: sorted((identity[d].seed, identity[d].fold) for d in dirs) for m, dirs in variants.items()}
+        for key in layout[m]:
+            groups[m].setdefault(key[0], []).append(by_key[key])
     for m, keys in layout.items():
         if keys != layout[reference]:
             missing = sorted(set(layout[reference]) ^ set(keys))
