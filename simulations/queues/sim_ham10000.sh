@@ -7,7 +7,8 @@
 # Resumable at round granularity: rerun the same command after a stop; finished federations are
 # reused and a stopped one continues from its last server checkpoint (--skip-finished; both only
 # with the same config). Teacher features of every site are kept in runs/feature-cache. Cost on
-# 2 CPU cores: roughly 2-3 min per round, 35-45 min per federation, ~3.5 h for the five.
+# 2 CPU cores: roughly 1-3 min per round, 35-45 min per federation on a loaded machine (stop 14), 17 min
+# (FedAvg+BSM) and 27 min (FedMAS+FoPro-KD) on a quiet one (stop 21); ~2-3.5 h for the five.
 # The centralised reference on the same split is the single-site table of docs/results.md
 # (configs/ham10000-lt.yaml: the same lesion-grouped split; the federation additionally keeps
 # 20% of each site's training images as its local test split).
