@@ -102,3 +102,35 @@ def test_resume_without_checkpoint_is_refused_clearly(tmp_path: Path) -> None:
         run_simulation_from_config(tiny(), None, resume_dir=tmp_path)
     with pytest.raises(ResumeError, match="no such run directory"):
         run_simulation_from_config(tiny(), None, resume_dir=tmp_path / "missing")
+
+
+WALL_CLOCK_COLUMNS = ("round_seconds", "server_eval_seconds", "client_train_seconds_max", "client_train_seconds_sum",
+                      "outside_training_share")
+"""history.csv columns that time the run: the only ones two runs of one seed may differ in."""
+
+
+def test_same_seed_reproduces_the_federation_exactly(tmp_path: Path) -> None:
+    """Two simulations of one config on one machine: the same metrics every round and the same global weights.
+
+    Why: a comparison of methods pairs runs by seed; if a seed did not fix the federation (the order
+    in which Ray's actors take the sites, a site's generator carried across rounds), the paired
+    differences would include run-to-run noise that no interval accounts for.
+    """
+    import torch
+
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for out in runs:
+        simulate(tiny(num_rounds=3), out)
+    histories = []
+    for out in runs:
+        with open(out / "history.csv") as handle:
+            histories.append([{k: v for k, v in row.items() if k not in WALL_CLOCK_COLUMNS}
+                              for row in csv.DictReader(handle)])
+    assert len(histories[0]) == 4 and histories[0] == histories[1]
+    assert any(row["test_balanced_accuracy"] != histories[0][0]["test_balanced_accuracy"] for row in histories[0][1:]), \
+        "the federation must learn something for the comparison to mean anything"
+    first, second = (torch.load(out / "checkpoints" / "server-round-0003.pt", map_location="cpu", weights_only=False)
+                     for out in runs)
+    assert first["arrays"].keys() == second["arrays"].keys()
+    for key, value in first["arrays"].items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(second["arrays"][key])), key
