@@ -118,6 +118,8 @@ def test_same_seed_reproduces_the_federation_exactly(tmp_path: Path) -> None:
     """
     import torch
 
+    from fopro_kd.checkpoint import load_checkpoint
+
     runs = [tmp_path / "first", tmp_path / "second"]
     for out in runs:
         simulate(tiny(num_rounds=3), out)
@@ -129,8 +131,7 @@ def test_same_seed_reproduces_the_federation_exactly(tmp_path: Path) -> None:
     assert len(histories[0]) == 4 and histories[0] == histories[1]
     assert any(row["test_balanced_accuracy"] != histories[0][0]["test_balanced_accuracy"] for row in histories[0][1:]), \
         "the federation must learn something for the comparison to mean anything"
-    first, second = (torch.load(out / "checkpoints" / "server-round-0003.pt", map_location="cpu", weights_only=False)
-                     for out in runs)
+    first, second = (load_checkpoint(out / "checkpoints" / "server-round-0003.pt") for out in runs)
     assert first["arrays"].keys() == second["arrays"].keys()
     for key, value in first["arrays"].items():
         assert torch.equal(torch.as_tensor(value), torch.as_tensor(second["arrays"][key])), key
