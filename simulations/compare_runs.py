@@ -8,12 +8,14 @@ finished run directories instead and computes the same summary and paired interv
     python -m simulations.compare_runs \\
         --variant ekd=runs/ham/ekd-s0,runs/ham-seeds/ekd-seed1,runs/ham-seeds2/ekd-seed2 \\
         --variant fopro=runs/ham/fopro-s0,runs/ham-seeds/fopro-seed1,runs/ham-seeds2/fopro-seed2 \\
-        --reference ekd --rare-classes df vasc akiec --out runs/ham-compare.json
+        --reference ekd --rare-classes df vasc akiec --out runs/ham-compare.json \\
+        --plot runs/ham-compare.png
 
 The i-th directory of every variant is seed i's run: each must hold ``predictions_test.npz``
 and ``config.yaml``, the i-th runs of all variants must have the same ``seed`` (the pairing),
 and every run must be tested on the same images. Any of these failing is one error that
-names the directory.
+names the directory. ``--plot`` draws the paired differences as a forest plot (one row per
+variant, a line at 0; :func:`fopro_kd.plots.plot_paired_differences`).
 
 Folds of a k-fold cross-validation (runs with ``split.mode: kfold``, e.g. a
 ``benchmark_methods --folds K`` queue's ``VARIANT-seedS-foldF`` folders) are grouped by their
@@ -34,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from fopro_kd.plots import plot_paired_differences
 from fopro_kd.seeding import FOLD_SEED_STRIDE
 from fopro_kd.stats import DEFAULT_BOOTSTRAP, MODEL_CHOICES, balanced_accuracy, load_predictions, mean_recall
 from simulations.benchmark_methods import format_table, paired_statistics, resolve_rare_classes
@@ -186,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(MODEL_CHOICES), default="selected",
                         help="compare the validation-selected models (default) or the last epoch's / round's")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="draw the paired differences and their intervals as a PNG here (one row per variant)")
     args = parser.parse_args(argv)
     try:
         variants: dict[str, list[Path]] = {}
@@ -202,7 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
+    if args.plot:
+        plot_paired_differences(results["paired"], args.plot, results["reference"],
+                                subtitle=_plot_subtitle(results))
     return 0
+
+
+def _plot_subtitle(results: dict[str, Any]) -> str:
+    """What the figure compares: the model read, the repeats, and the rare classes."""
+    repeats = f"{len(results['seeds'])} seed(s)"
+    if results.get("folds"):
+        repeats += f" × {results['folds']} folds"
+    return f"{results['model']} models, {repeats}; rare: {', '.join(results['rare_classes'])}"
 
 
 if __name__ == "__main__":

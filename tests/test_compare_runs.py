@@ -165,3 +165,31 @@ def test_compare_runs_refuses_unpaired_folds(fold_runs, runs) -> None:
     _, single, _ = runs
     with pytest.raises(ValueError, match="k-fold runs .* mixed with runs on one split"):
         compare_runs({"ref": dirs["ref"][:1], "new": single["new"][:1]})
+
+
+def test_forest_plot_rows_are_the_paired_differences_in_points(runs, tmp_path: Path) -> None:
+    """The figure's numbers: every compared variant once (not the reference), ×100, the intervals around the mean."""
+    from fopro_kd.plots import paired_difference_rows, plot_paired_differences
+
+    _, dirs, _ = runs
+    out = compare_runs(dirs, reference="ref", n_boot=300)
+    rows = paired_difference_rows(out["paired"], "balanced_accuracy")
+    assert [r["name"] for r in rows] == ["new"]
+    pair = out["paired"]["new"]["balanced_accuracy"]
+    row = rows[0]
+    assert row["mean"] == pytest.approx(100 * pair["mean_diff"]) and row["mean"] > 10  # "new" is the better variant
+    assert row["images"][0] < row["mean"] < row["images"][1]
+    assert row["total"][0] <= row["images"][0] and row["images"][1] <= row["total"][1]  # seeds widen it
+    assert row["interval"] == "seeds+images"
+    assert paired_difference_rows(out["paired"], "no_such_metric") == []
+    png = plot_paired_differences(out["paired"], tmp_path / "forest.png", "ref")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_runs_cli_draws_the_forest_plot(runs, tmp_path: Path) -> None:
+    _, dirs, _ = runs
+    figure = tmp_path / "figs" / "cmp.png"
+    argv = [f"--variant=ref={','.join(map(str, dirs['ref']))}", f"--variant=new={','.join(map(str, dirs['new']))}",
+            "--bootstrap", "200", "--plot", str(figure)]
+    assert main(argv) == 0
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 5000
