@@ -51,6 +51,11 @@ class Selection:
     test_metrics: dict[str, Any] = field(default_factory=dict)
 
 
+TIMING_COLUMNS: tuple[str, ...] = ("round_seconds", "server_eval_seconds", "client_train_seconds_max",
+                                   "client_train_seconds_sum", "outside_training_share")
+"""The history.csv columns that time a round (wall clock), in :meth:`ServerEvaluator._timing`'s order:
+the only columns in which two runs of one seed may differ."""
+
 class ServerEvaluator:
     """``evaluate_fn`` of ``Strategy.start``: score, select, log one history row per round.
 
@@ -139,13 +144,8 @@ class ServerEvaluator:
         slots = self.parallel_slots or max(1, len(train))
         busy = sum(train) / max(1, min(slots, max(1, len(train))))
         outside = min(1.0, max(0.0, 1.0 - busy / round_seconds)) if round_seconds > 0 else 0.0
-        timing = {
-            "round_seconds": round_seconds,
-            "server_eval_seconds": eval_seconds,
-            "client_train_seconds_max": max(train) if train else 0.0,
-            "client_train_seconds_sum": float(sum(train)),
-            "outside_training_share": outside,
-        }
+        timing = dict(zip(TIMING_COLUMNS, (round_seconds, eval_seconds, max(train) if train else 0.0,
+                                           float(sum(train)), outside)))
         self.timings.append({"round": entry.server_round, **timing})
         return timing
 

@@ -13,6 +13,7 @@ import yaml
 from simulations.cli import main as cli_main
 from fopro_kd.config import Config, config_from_dict
 from server.checkpoints import ResumeError
+from server.selection import TIMING_COLUMNS
 from simulations.simulate import run_simulation_from_config, simulate
 from simulations.tiny_federation import tiny_federation_values
 
@@ -104,11 +105,6 @@ def test_resume_without_checkpoint_is_refused_clearly(tmp_path: Path) -> None:
         run_simulation_from_config(tiny(), None, resume_dir=tmp_path / "missing")
 
 
-WALL_CLOCK_COLUMNS = ("round_seconds", "server_eval_seconds", "client_train_seconds_max", "client_train_seconds_sum",
-                      "outside_training_share")
-"""history.csv columns that time the run: the only ones two runs of one seed may differ in."""
-
-
 def test_same_seed_reproduces_the_federation_exactly(tmp_path: Path) -> None:
     """Two simulations of one config on one machine: the same metrics every round and the same global weights.
 
@@ -126,7 +122,7 @@ def test_same_seed_reproduces_the_federation_exactly(tmp_path: Path) -> None:
     histories = []
     for out in runs:
         with open(out / "history.csv") as handle:
-            histories.append([{k: v for k, v in row.items() if k not in WALL_CLOCK_COLUMNS}
+            histories.append([{k: v for k, v in row.items() if k not in TIMING_COLUMNS}
                               for row in csv.DictReader(handle)])
     assert len(histories[0]) == 4 and histories[0] == histories[1]
     assert any(row["test_balanced_accuracy"] != histories[0][0]["test_balanced_accuracy"] for row in histories[0][1:]), \
